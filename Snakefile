@@ -1,0 +1,33 @@
+# HAMIL reproduction workflow. Every rule is a thin call of the `hamil` CLI.
+#   snakemake --cores all                                  full reproduction (config/config.yaml)
+#   snakemake --cores all --configfile config/demo.yaml    synthetic demo
+#   snakemake --cores all bags                             one stage (targets: acquire crop bags train evaluate figures compare)
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/acquire.smk"
+include: "workflow/rules/crop.smk"
+include: "workflow/rules/bags.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.compare.input,
+        rules.figures.input,
+
+
+onsuccess:
+    print_comparisons()

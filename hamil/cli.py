@@ -1,0 +1,223 @@
+"""``hamil <stage>``: one subcommand per pipeline stage. Bad input ends with one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from preprocessing.errors import InputError
+
+log = logging.getLogger("hamil")
+
+
+def _dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add one ``--field-name`` option per dataclass field, typed from its annotation, default from the class."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, nargs = _arg_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, type=kind, nargs=nargs, default=argparse.SUPPRESS, metavar=f.name.upper())
+
+
+def _arg_type(hint: Any) -> tuple[Callable[[str], Any], str | None]:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _arg_type(args[0])
+    if typing.get_origin(hint) is tuple:
+        return args[0], "+"
+    if typing.get_origin(hint) is dict:
+        return json.loads, None
+    return hint, None
+
+
+def _dataclass_from(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**{**values, **extra})
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from preprocessing.sources.synthetic import SynthParams, generate
+
+    table = generate(args.out, _dataclass_from(SynthParams, args), workers=args.workers)
+    log.info("wrote %d fields of %d proteins to %s", len(table), table["group"].nunique(), args.out)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    raise InputError(
+        f"hamil download {args.source}: downloading real data is not built yet in this version; "
+        "use `hamil synth` or your own images"
+    )
+
+
+def cmd_crop(args: argparse.Namespace) -> None:
+    from preprocessing.crop import CropParams, crop_shard
+
+    stats = crop_shard(
+        Path(args.images),
+        args.shard,
+        args.num_shards,
+        Path(args.out_zarr),
+        Path(args.out_tsv),
+        _dataclass_from(CropParams, args),
+        workers=args.workers,
+        boxes_tsv=Path(args.boxes) if args.boxes else None,
+        max_bad_fraction=args.max_bad_fraction,
+    )
+    log.info("crop shard %d/%d: %s", args.shard, args.num_shards, stats)
+
+
+def cmd_bags(args: argparse.Namespace) -> None:
+    from preprocessing.bags import BagParams, build_bags
+
+    stats = build_bags(
+        args.tables, args.stores, args.out_store, args.out_table, _dataclass_from(BagParams, args),
+        source=args.source, workers=args.workers,
+    )
+    log.info("bags: %s", stats)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from hamil.config import TrainConfig
+    from hamil.train import train
+
+    best = train(_dataclass_from(TrainConfig, args))
+    log.info("best validation: %s", best)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from hamil.evaluate import evaluate
+
+    metrics = evaluate(
+        args.checkpoint, args.store, args.out_dir, args.split, args.device, args.batch_bags, args.threshold
+    )
+    log.info("%s: macro AUC %s, macro F1 %.4f, micro F1 %.4f", args.checkpoint, metrics["macro_auc"],
+             metrics["macro_f1"], metrics["micro_f1"])
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    from hamil.figures import plot_curves
+
+    run = Path(args.run_dir)
+    plot_curves(run / "history.csv", run / "curves.png", title=args.title or str(run))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from hamil.compare import compare
+
+    print(compare(args.metrics, args.out_tsv, args.out_md, title=args.title))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    raise InputError("hamil predict: prediction on your own image folders is not built yet in this version")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``hamil`` command."""
+    from hamil.config import TrainConfig
+    from preprocessing.bags import BagParams
+    from preprocessing.crop import CropParams
+    from preprocessing.sources.synthetic import SynthParams
+
+    parser = argparse.ArgumentParser(prog="hamil", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    p = sub.add_parser("synth", help="generate a synthetic HPA-like data set")
+    p.add_argument("--out", required=True, help="output folder (images.tsv, boxes.tsv, images/)")
+    p.add_argument("--workers", type=int, default=1)
+    _dataclass_options(p, SynthParams)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("download", help="download a real data source (hpa, hpa_paper, bdgp)")
+    p.add_argument("source", choices=["hpa", "hpa_paper", "bdgp"])
+    p.add_argument("--out", help="output folder")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("crop", help="cut cell patches from one shard of images.tsv")
+    p.add_argument("--images", required=True, help="images.tsv")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--out-zarr", required=True)
+    p.add_argument("--out-tsv", required=True)
+    p.add_argument("--boxes", help="true cell boxes (boxes.tsv) to report crop recall")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-bad-fraction", type=float, default=0.05)
+    _dataclass_options(p, CropParams)
+    p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser("bags", help="build the bag store from all patch shards")
+    p.add_argument("--tables", nargs="+", required=True, help="shard tables (<shard>.tsv)")
+    p.add_argument("--stores", nargs="+", required=True, help="shard stores (<shard>.zarr), same order")
+    p.add_argument("--out-store", required=True)
+    p.add_argument("--out-table", required=True)
+    p.add_argument("--source", default="unknown")
+    p.add_argument("--workers", type=int, default=1)
+    _dataclass_options(p, BagParams)
+    p.set_defaults(func=cmd_bags)
+
+    p = sub.add_parser("train", help="train one model with one seed")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out-dir", required=True)
+    _dataclass_options(p, TrainConfig, skip=("store", "out_dir"))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--batch-bags", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("figures", help="draw the figures of a training run")
+    p.add_argument("--run-dir", required=True, help="results/<ds>/<model>/seed<k>")
+    p.add_argument("--title", default="")
+    p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("compare", help="gather metrics of all models and seeds into one table")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--out-tsv", required=True)
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--title", default="")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="predict labels for your own bags of images")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hamil`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (InputError, FileNotFoundError, ValueError) as err:
+        print(f"hamil {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

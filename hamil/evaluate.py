@@ -1,0 +1,86 @@
+"""Evaluate a checkpoint on one split of a bag store: metrics.json, predictions.tsv, per_class.tsv."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hamil.checkpoint import load_checkpoint
+from hamil.data import BagDataset, make_loader
+from hamil.metrics import compute_metrics
+from hamil.models import MILModel, build_model
+from hamil.predict import predict_batches
+from hamil.seeding import select_device
+from preprocessing.errors import InputError
+from preprocessing.io import write_json, write_tsv
+from preprocessing.store import BagStore
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> MILModel:
+    """Rebuild the model a checkpoint was trained with and load its weights (eval mode)."""
+    cfg = ckpt["config"]
+    options = dict(cfg.model_options)
+    if cfg.model == "ramil":
+        options.setdefault("seed", cfg.seed)
+    model = build_model(cfg.model, len(ckpt["class_names"]), None, cfg.dropout, **options)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def evaluate(
+    checkpoint: str | os.PathLike[str],
+    store_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    split: str = "test",
+    device: str = "auto",
+    batch_bags: int = 8,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Write ``metrics.json``, ``predictions.tsv`` and ``per_class.tsv`` for ``split`` into ``out_dir``."""
+    store = BagStore(store_path)
+    ckpt = load_checkpoint(checkpoint, num_classes=len(store.class_names))
+    if ckpt["class_names"] != store.class_names:
+        raise InputError(f"{checkpoint}: classes {ckpt['class_names']} differ from the store's {store.class_names}")
+    dev = select_device(device)
+    model = model_from_checkpoint(ckpt, dev)
+    bags = store.bags_in(split)
+    if len(bags) == 0:
+        raise InputError(f"{store_path}: no bags in the {split} split")
+    loader = make_loader(BagDataset(store, bags), batch_bags, False, 0)
+    index, y, probs, loss = predict_batches(model, loader, dev)
+    metrics = compute_metrics(y, probs, store.class_names, threshold)
+    per_class = pd.DataFrame(metrics.pop("per_class"))
+    metrics.update(
+        {
+            "model": ckpt["config"].model,
+            "seed": ckpt["config"].seed,
+            "split": split,
+            "threshold": threshold,
+            "loss": loss,
+            "epoch": ckpt["epoch"],
+        }
+    )
+    out = Path(out_dir)
+    write_tsv(_predictions_table(store, index, y, probs, threshold), out / "predictions.tsv")
+    write_tsv(per_class, out / "per_class.tsv")
+    write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def _predictions_table(
+    store: BagStore, index: np.ndarray, y: np.ndarray, probs: np.ndarray, threshold: float
+) -> pd.DataFrame:
+    names = store.class_names
+    table = pd.DataFrame({"bag_id": store.bag_id[index], "group": store.group[index]})
+    table["true_labels"] = [";".join(n for n, on in zip(names, row, strict=True) if on) for row in y]
+    table["predicted_labels"] = [
+        ";".join(n for n, p in zip(names, row, strict=True) if p >= threshold) for row in probs
+    ]
+    for k, name in enumerate(names):
+        table[f"p_{name}"] = np.round(probs[:, k], 6)
+    return table

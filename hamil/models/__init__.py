@@ -1,0 +1,32 @@
+"""Model zoo: a ResNet18 backbone, an aggregator chosen by name, and a linear head."""
+
+from __future__ import annotations
+
+from hamil.models import pooling, tree_aggregators  # noqa: F401  (register the aggregators)
+from hamil.models.backbone import Backbone
+from hamil.models.model import Explanation, Head, MILModel
+from hamil.models.registry import Aggregator, AggregatorOutput, available, create, register
+
+__all__ = [
+    "Aggregator",
+    "AggregatorOutput",
+    "Backbone",
+    "Explanation",
+    "Head",
+    "MILModel",
+    "available",
+    "build_model",
+    "register",
+]
+
+
+def build_model(
+    name: str, num_classes: int, pretrained: str | None = None, dropout: float = 0.0, **options: object
+) -> MILModel:
+    """Build the model ``name`` (see :func:`available`) with ``num_classes`` sigmoid outputs.
+
+    ``options`` go to the aggregator (e.g. ``depth``, ``kernel_size``, ``tree_features`` for HAMIL).
+    """
+    backbone = Backbone(pretrained)
+    aggregator = create(name, backbone.out_channels, **options)
+    return MILModel(backbone, aggregator, Head(aggregator.out_channels, num_classes, dropout))

@@ -1,0 +1,59 @@
+"""Aggregator interface and the registry that selects one by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class AggregatorOutput(NamedTuple):
+    """What every aggregator returns for a batch of ``B`` bags holding ``N`` instances in total."""
+
+    bags: torch.Tensor  # (B, C, h, w) bag maps or (B, D) bag vectors
+    scores: torch.Tensor | None  # (N,) per-instance scores, or None to use cosine similarity
+
+
+class Aggregator(nn.Module):
+    """Maps instance features ``(N, C, h, w)`` and ``bag_sizes (B,)`` (bags contiguous) to bag features."""
+
+    out_channels: int
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Callable[..., Aggregator]] = {}
+
+
+def register(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
+    """Class decorator adding an aggregator to the registry under ``name``."""
+
+    def wrap(cls: type[Aggregator]) -> type[Aggregator]:
+        if name in _REGISTRY:
+            raise ValueError(f"aggregator {name!r} registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names of all registered aggregators (the valid ``model`` values in config)."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, channels: int, **options: object) -> Aggregator:
+    """Instantiate the aggregator ``name`` for ``channels`` input channels."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available())}")
+    return _REGISTRY[name](channels, **options)
+
+
+def bag_slices(bag_sizes: torch.Tensor) -> list[slice]:
+    """Python slices of each bag's instances in the concatenated batch."""
+    ends = torch.cumsum(bag_sizes, 0).tolist()
+    starts = [0, *ends[:-1]]
+    return [slice(s, e) for s, e in zip(starts, ends, strict=True)]

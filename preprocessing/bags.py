@@ -1,0 +1,169 @@
+"""The bag stage: choose classes, cut groups into bags, split by group, write the bag store."""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from preprocessing.errors import InputError
+from preprocessing.io import read_table, split_labels, write_json, write_tsv
+from preprocessing.store import SPLITS, write_bag_store
+
+PATCH_COLUMNS = ("patch_index", "image_id", "group", "labels", "x0", "y0", "x1", "y1")
+
+
+@dataclass(frozen=True)
+class BagParams:
+    """Parameters of the bag stage (the ``bags`` section of the config)."""
+
+    top_k: int = 10
+    classes: tuple[str, ...] | None = None  # explicit class list; overrides top_k
+    keep_unlabeled: bool = False  # keep groups without any kept label as negative bags
+    max_bag_size: int = 32
+    split_ratio: tuple[float, float, float] = (4.0, 1.0, 5.0)
+    seed: int = 0
+
+
+def select_classes(group_labels: Mapping[str, Sequence[str]], top_k: int) -> list[str]:
+    """The ``top_k`` labels carried by the most groups; ties broken by name for determinism."""
+    counts = Counter(label for labels in group_labels.values() for label in set(labels))
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [label for label, _ in ranked[:top_k]]
+
+
+def split_groups(groups: Iterable[str], ratio: Sequence[float], seed: int) -> dict[str, int]:
+    """Assign each group to a split (0 train, 1 val, 2 test) in proportion to ``ratio``.
+
+    Groups are sorted, shuffled with ``seed`` and cut by largest remainders, so the result depends only on
+    the set of groups and the seed.
+    """
+    names = sorted(set(groups))
+    ratio = np.asarray(ratio, dtype=np.float64)
+    if ratio.shape != (3,) or (ratio < 0).any() or ratio.sum() <= 0:
+        raise InputError(f"split ratio must be three non-negative numbers, got {list(ratio)}")
+    exact = ratio / ratio.sum() * len(names)
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: len(names) - counts.sum()]:
+        counts[i] += 1
+    order = np.random.default_rng(seed).permutation(len(names))
+    assignment = np.repeat(np.arange(3), counts)
+    return {names[i]: int(assignment[k]) for k, i in enumerate(order)}
+
+
+def cut_group(n: int, max_bag_size: int, group: str, seed: int) -> list[np.ndarray]:
+    """Split a group's ``n`` instances into ``ceil(n / max_bag_size)`` near-equal bags (sizes differ by ≤ 1).
+
+    Instances are shuffled with a generator seeded by ``seed`` and the group name (stable across runs
+    and Python versions); each bag's indices are returned sorted.
+    """
+    if n <= max_bag_size:
+        return [np.arange(n)]
+    rng = np.random.default_rng([seed, zlib.crc32(group.encode())])
+    parts = np.array_split(rng.permutation(n), math.ceil(n / max_bag_size))
+    return [np.sort(p) for p in parts]
+
+
+def build_bags(
+    shard_tables: Sequence[str | os.PathLike[str]],
+    shard_stores: Sequence[str | os.PathLike[str]],
+    dest_store: str | os.PathLike[str],
+    dest_table: str | os.PathLike[str],
+    params: BagParams,
+    source: str,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Gather the patch shards of a dataset into one bag store and a readable ``bags.tsv``.
+
+    Returns (and writes beside ``dest_table`` as ``bags.json``) counts of bags, patches and dropped groups.
+    """
+    if len(shard_tables) != len(shard_stores):
+        raise ValueError("one table per shard store is required")
+    patches = _read_patch_tables(shard_tables)
+    if patches.empty:
+        raise InputError(f"{shard_tables[0]}: no patches in any shard")
+    group_labels = {g: split_labels(s) for g, s in patches.groupby("group", sort=True)["labels"].first().items()}
+    classes = list(params.classes) if params.classes else select_classes(group_labels, params.top_k)
+    if not classes:
+        raise InputError(f"{shard_tables[0]}: no labels found, cannot choose classes")
+    kept = {g for g, labels in group_labels.items() if params.keep_unlabeled or set(labels) & set(classes)}
+    dropped = sorted(set(group_labels) - kept)
+    split_of = split_groups(kept, params.split_ratio, params.seed)
+
+    rows, picks = [], []
+    for group, table in patches[patches["group"].isin(kept)].groupby("group", sort=True):
+        for k, idx in enumerate(cut_group(len(table), params.max_bag_size, group, params.seed)):
+            part = table.iloc[idx]
+            rows.append((f"{group}#{k}", group, split_of[group], len(part), group_labels[group]))
+            picks.append(part)
+    bags = pd.DataFrame(rows, columns=["bag_id", "group", "split", "n_patches", "all_labels"])
+    picked = pd.concat(picks, ignore_index=True)
+    labels = np.array([[c in set(ls) for c in classes] for ls in bags["all_labels"]], dtype=np.uint8)
+
+    sources = [zarr.open_array(Path(s) / "patches", mode="r") for s in shard_stores]
+    attrs = {"class_names": classes, "source": source, "params": _jsonable(asdict(params))}
+    write_bag_store(
+        dest_store,
+        sources,
+        picks=picked[["shard", "patch_index"]].to_numpy(dtype=np.int64),
+        bag_offsets=np.concatenate([[0], np.cumsum(bags["n_patches"].to_numpy())]),
+        labels=labels,
+        split=bags["split"].to_numpy(dtype=np.int8),
+        group=bags["group"].tolist(),
+        bag_id=bags["bag_id"].tolist(),
+        source_image=picked["image_id"].tolist(),
+        box=picked[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.int64),
+        attrs=attrs,
+        workers=workers,
+    )
+    table = pd.DataFrame(
+        {
+            "bag_index": np.arange(len(bags)),
+            "bag_id": bags["bag_id"],
+            "group": bags["group"],
+            "split": [SPLITS[s] for s in bags["split"]],
+            "n_patches": bags["n_patches"],
+            "labels": [";".join(c for c, on in zip(classes, row, strict=True) if on) for row in labels],
+            "all_labels": [";".join(ls) for ls in bags["all_labels"]],
+        }
+    )
+    write_tsv(table, dest_table)
+    stats = {
+        "classes": classes,
+        "bags": len(bags),
+        "patches": len(picked),
+        "groups": len(kept),
+        "groups_dropped_without_label": len(dropped),
+        "bags_per_split": {s: int((bags["split"] == i).sum()) for i, s in enumerate(SPLITS)},
+    }
+    write_json(stats, Path(dest_table).with_name("bags.json"))
+    return stats
+
+
+def _read_patch_tables(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
+    tables = []
+    for shard, path in enumerate(paths):
+        table = read_table(path, PATCH_COLUMNS)
+        table["shard"] = shard
+        tables.append(table)
+    out = pd.concat(tables, ignore_index=True)
+    for col in ("patch_index", "x0", "y0", "x1", "y1"):
+        out[col] = pd.to_numeric(out[col], errors="raise").astype(np.int64)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,140 @@
+"""Atomic writes, table reading with column checks, and image reading that fails with one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from preprocessing.errors import InputError
+
+IMAGES_COLUMNS = ("image_id", "group", "path", "labels")
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
+
+    Works for files and directories (e.g. a Zarr store). An interrupted write never leaves ``dest``
+    looking complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.rmdir()  # the caller creates a file or a directory at this name
+    try:
+        yield tmp
+        if dest.is_dir() and not dest.is_symlink():
+            _remove(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def write_tsv(table: pd.DataFrame, dest: str | os.PathLike[str]) -> None:
+    """Write a table as TSV atomically (temp name, then rename)."""
+    with atomic_path(dest) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+
+
+def write_json(obj: Any, dest: str | os.PathLike[str]) -> None:
+    """Write JSON atomically, pretty-printed."""
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_table(path: str | os.PathLike[str], required: Sequence[str] = (), sep: str = "\t") -> pd.DataFrame:
+    """Read a TSV (or ``sep``-separated) table with a header; :class:`InputError` names missing columns.
+
+    All columns are read as strings (``labels`` may be empty: kept as ``""``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: empty table (no header)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a readable TSV ({_first_line(err)})") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: missing columns: {', '.join(missing)}")
+    return table
+
+
+def read_images_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read an ``images.tsv`` (columns ``image_id, group, path, labels``), paths resolved against its folder."""
+    table = read_table(path, IMAGES_COLUMNS)
+    dup = table["image_id"][table["image_id"].duplicated()]
+    if len(dup):
+        raise InputError(f"{path}: duplicate image_id {dup.iloc[0]!r}")
+    base = Path(path).resolve().parent
+    table["path"] = [str(p if Path(p).is_absolute() else base / p) for p in table["path"]]
+    return table
+
+
+def split_labels(cell: str) -> list[str]:
+    """``"a;b"`` -> ``["a", "b"]``; empty cell -> ``[]``."""
+    return [s.strip() for s in cell.split(";") if s.strip()]
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image fully as ``(H, W, 3)`` uint8 RGB. Grayscale is repeated, 16-bit is scaled to 8 bits.
+
+    Raises :class:`InputError` (one line, naming the file) when it is missing, unreadable or truncated.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes everything: a truncated file raises here
+            arr = np.asarray(img)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{path}: unreadable image ({_first_line(err)})") from None
+    return to_rgb8(arr, path)
+
+
+def to_rgb8(arr: np.ndarray, path: str | os.PathLike[str] = "<array>") -> np.ndarray:
+    """Convert a decoded image array to ``(H, W, 3)`` uint8."""
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.integer):
+            arr = (arr.astype(np.float64) / max(int(np.iinfo(arr.dtype).max), 1) * 255.0).round()
+        elif arr.dtype == bool:
+            arr = arr.astype(np.float64) * 255.0
+        else:
+            arr = np.clip(np.asarray(arr, dtype=np.float64), 0.0, 1.0) * 255.0
+        arr = arr.astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    elif arr.ndim == 3 and arr.shape[2] == 2:
+        arr = np.concatenate([arr, np.zeros_like(arr[:, :, :1])], axis=2)
+    elif not (arr.ndim == 3 and arr.shape[2] == 3):
+        raise InputError(f"{path}: unsupported image shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,1 @@
+"""Image sources: where fields of view come from (synthetic generator, downloaded sets)."""

@@ -1,0 +1,182 @@
+"""The bag store: one Zarr v3 group per dataset holding every patch, ordered by bag.
+
+Layout (format version 1)::
+
+    patches       uint8  (N, C, P, P)  one chunk per patch, zstd
+    bag_offsets   int64  (B + 1,)      bag b is patches[bag_offsets[b]:bag_offsets[b + 1]]
+    labels        uint8  (B, K)        multi-hot
+    split         int8   (B,)          0 train, 1 val, 2 test
+    group, bag_id str    (B,)
+    source_image  str    (N,)          the field each patch was cut from
+    box           int32  (N, 4)        x0, y0, x1, y1 in that field
+
+Attributes: ``format_version``, ``class_names``, ``source``, ``patch_size``, ``params``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from preprocessing.errors import InputError
+from preprocessing.io import atomic_path
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+_BLOCK = 256  # patches copied per task
+
+
+def _compressor() -> zarr.codecs.ZstdCodec:
+    return zarr.codecs.ZstdCodec(level=3)
+
+
+def create_patch_array(group: zarr.Group, n: int, channels: int, patch_size: int) -> zarr.Array:
+    """Create the ``patches`` array: uint8 ``(n, C, P, P)``, one zstd chunk per patch."""
+    return group.create_array(
+        "patches",
+        shape=(n, channels, patch_size, patch_size),
+        chunks=(1, channels, patch_size, patch_size),
+        dtype="uint8",
+        compressors=_compressor(),
+    )
+
+
+def write_bag_store(
+    dest: str | os.PathLike[str],
+    sources: Sequence[zarr.Array],
+    picks: np.ndarray,
+    bag_offsets: np.ndarray,
+    labels: np.ndarray,
+    split: np.ndarray,
+    group: Sequence[str],
+    bag_id: Sequence[str],
+    source_image: Sequence[str],
+    box: np.ndarray,
+    attrs: Mapping[str, Any],
+    workers: int = 1,
+) -> None:
+    """Write a bag store atomically.
+
+    ``picks`` is ``(N, 2)``: output patch i is ``sources[picks[i, 0]][picks[i, 1]]``. Patches are copied in
+    blocks by a threaded dask scheduler with ``workers`` threads (zstd and file I/O release the GIL).
+    """
+    import dask
+
+    n = len(picks)
+    if len(bag_offsets) != len(labels) + 1 or bag_offsets[-1] != n:
+        raise ValueError("bag_offsets do not match labels and picks")
+    channels, patch_size = _patch_geometry(sources)
+    with atomic_path(dest) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        patches = create_patch_array(root, n, channels, patch_size)
+        tasks = [
+            dask.delayed(_copy_block)(sources, picks[start : start + _BLOCK], patches, start)
+            for start in range(0, n, _BLOCK)
+        ]
+        scheduler = "threads" if workers > 1 else "synchronous"
+        dask.compute(*tasks, scheduler=scheduler, num_workers=max(workers, 1))
+        root.create_array("bag_offsets", data=np.asarray(bag_offsets, dtype=np.int64))
+        root.create_array("labels", data=np.asarray(labels, dtype=np.uint8).reshape(len(labels), -1))
+        root.create_array("split", data=np.asarray(split, dtype=np.int8))
+        root.create_array("group", data=_strings(group))
+        root.create_array("bag_id", data=_strings(bag_id))
+        root.create_array("source_image", data=_strings(source_image))
+        root.create_array("box", data=np.asarray(box, dtype=np.int32).reshape(n, 4))
+        root.attrs.update({**attrs, "format_version": FORMAT_VERSION, "patch_size": patch_size})
+
+
+def _strings(values: Sequence[str]) -> np.ndarray:
+    """Variable-length UTF-8 strings (Zarr v3 ``string`` data type), not fixed-width UTF-32."""
+    return np.asarray(list(values), dtype=np.dtypes.StringDType())
+
+
+def _patch_geometry(sources: Sequence[zarr.Array]) -> tuple[int, int]:
+    shapes = {tuple(s.shape[1:]) for s in sources if s.shape[0] > 0} or {tuple(sources[0].shape[1:])}
+    if len(shapes) != 1:
+        raise InputError(f"patch shards disagree on patch shape: {sorted(shapes)}")
+    channels, height, width = shapes.pop()
+    if height != width:
+        raise InputError(f"patches must be square, got {height}x{width}")
+    return channels, height
+
+
+def _copy_block(sources: Sequence[zarr.Array], picks: np.ndarray, out: zarr.Array, start: int) -> None:
+    block = np.empty((len(picks), *out.shape[1:]), dtype=np.uint8)  # (b, C, P, P)
+    for src in np.unique(picks[:, 0]):
+        rows = np.flatnonzero(picks[:, 0] == src)
+        block[rows] = sources[src].oindex[picks[rows, 1]]
+    out[start : start + len(picks)] = block
+
+
+class BagStore:
+    """Read-only view of a bag store. Metadata is loaded on first use; patches are read per bag.
+
+    Safe to create in the parent process and use in forked DataLoader workers: the Zarr group is
+    (re)opened lazily in whichever process first reads from it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise InputError(f"{self.path}: not a bag store (no zarr.json)")
+        self._root: zarr.Group | None = None
+        self._pid = -1
+        meta = zarr.open_group(self.path, mode="r")
+        version = meta.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise InputError(f"{self.path}: bag store format {version!r}, expected {FORMAT_VERSION}")
+        self.attrs: dict[str, Any] = dict(meta.attrs)
+        self.bag_offsets: np.ndarray = meta["bag_offsets"][:]  # (B + 1,)
+        self.labels: np.ndarray = meta["labels"][:]  # (B, K)
+        self.split: np.ndarray = meta["split"][:]  # (B,)
+        self.group: np.ndarray = meta["group"][:]
+        self.bag_id: np.ndarray = meta["bag_id"][:]
+
+    @property
+    def root(self) -> zarr.Group:
+        if self._root is None or self._pid != os.getpid():
+            self._root = zarr.open_group(self.path, mode="r")
+            self._pid = os.getpid()
+        return self._root
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_root"] = None
+        return state
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def num_bags(self) -> int:
+        return len(self.split)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.attrs["patch_size"])
+
+    def bag_sizes(self) -> np.ndarray:
+        return np.diff(self.bag_offsets)
+
+    def bags_in(self, split: str) -> np.ndarray:
+        """Indices of the bags in ``split`` ("train", "val" or "test")."""
+        return np.flatnonzero(self.split == SPLITS.index(split))
+
+    def patches(self, bag: int, subset: np.ndarray | None = None) -> np.ndarray:
+        """The patches of one bag, ``(n, C, P, P)`` uint8; ``subset`` selects instances within the bag."""
+        start, stop = int(self.bag_offsets[bag]), int(self.bag_offsets[bag + 1])
+        arr = self.root["patches"]
+        if subset is None:
+            return arr[start:stop]
+        return arr.oindex[start + np.sort(np.asarray(subset, dtype=np.int64))]
+
+    def instance_info(self, bag: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(source_image (n,), box (n, 4))`` of one bag's patches."""
+        start, stop = int(self.bag_offsets[bag]), int(self.bag_offsets[bag + 1])
+        return self.root["source_image"][start:stop], self.root["box"][start:stop]

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny patch shards written exactly as the crop stage writes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from preprocessing.store import create_patch_array
+
+
+def write_shard(folder: Path, name: str, groups: dict[str, tuple[int, str]], patch: int = 8, seed: int = 0):
+    """A shard with ``count`` patches per group (labels given); patch pixel values encode (shard, row)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for group, (count, labels) in groups.items():
+        for k in range(count):
+            rows.append((f"{group}_F{k // 3}", group, labels, *rng.integers(0, 100, 2), 0, 0))
+    n = len(rows)
+    table = pd.DataFrame(rows, columns=["image_id", "group", "labels", "x0", "y0", "x1", "y1"])
+    table["x1"], table["y1"] = table["x0"] + 10, table["y0"] + 10
+    table.insert(0, "patch_index", np.arange(n))
+    root = zarr.open_group(folder / f"{name}.zarr", mode="w", zarr_format=3)
+    arr = create_patch_array(root, n, 3, patch)
+    if n:
+        arr[:] = (np.arange(n, dtype=np.uint8)[:, None, None, None] + seed * 100) * np.ones((1, 3, patch, patch), np.uint8)
+    table.to_csv(folder / f"{name}.tsv", sep="\t", index=False)
+    return folder / f"{name}.tsv", folder / f"{name}.zarr"
+
+
+@pytest.fixture
+def two_shards(tmp_path: Path):
+    """Two shards of 12 groups with 1-40 patches each and labels from a 4-class vocabulary."""
+    rng = np.random.default_rng(1)
+    vocab = ["A", "B", "C", "D", "E"]
+    groups = {}
+    for g in range(12):
+        labels = ";".join(sorted(rng.choice(vocab, size=rng.integers(1, 3), replace=False)))
+        groups[f"G{g:02d}"] = (int(rng.integers(1, 40)), labels)
+    groups["G99"] = (5, "E")  # only carries the rarest label
+    names = sorted(groups)
+    s0 = write_shard(tmp_path, "0", {g: groups[g] for g in names[::2]}, seed=0)
+    s1 = write_shard(tmp_path, "1", {g: groups[g] for g in names[1::2]}, seed=1)
+    return [s0[0], s1[0]], [s0[1], s1[1]], groups

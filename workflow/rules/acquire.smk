@@ -1,0 +1,44 @@
+# acquire: every source ends in data/raw/<ds>/images.tsv (+ the image files).
+
+SYNTHETIC = [ds for ds in DATASETS if ds_config(ds)["source"] == "synthetic"]
+DOWNLOADED = [ds for ds in DATASETS if ds_config(ds)["source"] != "synthetic"]
+
+localrules:
+    download,
+
+
+rule acquire:
+    input:
+        expand("data/raw/{ds}/images.tsv", ds=DATASETS),
+
+
+rule synth:
+    output:
+        images="data/raw/{ds}/images.tsv",
+        boxes="data/raw/{ds}/boxes.tsv",
+    wildcard_constraints:
+        ds="|".join(SYNTHETIC) or "^$",
+    params:
+        options=lambda w: cli_options(ds_config(w.ds).get("synthetic")),
+    threads: 2
+    log:
+        "logs/{ds}/synth.log",
+    benchmark:
+        "benchmarks/out/{ds}/synth.tsv"
+    shell:
+        "hamil synth --out data/raw/{wildcards.ds} --workers {threads} {params.options} > {log} 2>&1"
+
+
+rule download:
+    output:
+        images="data/raw/{ds}/images.tsv",
+    wildcard_constraints:
+        ds="|".join(DOWNLOADED) or "^$",
+    params:
+        source=lambda w: ds_config(w.ds)["source"],
+    resources:
+        http=1,
+    log:
+        "logs/{ds}/download.log",
+    shell:
+        "hamil download {params.source} --out data/raw/{wildcards.ds} > {log} 2>&1"

@@ -1,0 +1,30 @@
+# crop: selective-search cell patches, one Zarr store + table per shard of images.tsv.
+
+
+rule crop:
+    input:
+        [f"data/interim/{ds}/patches/{k}.tsv" for ds in DATASETS for k in shards(ds)],
+
+
+rule crop_shard:
+    input:
+        images="data/raw/{ds}/images.tsv",
+    output:
+        store=directory("data/interim/{ds}/patches/{shard}.zarr"),
+        table="data/interim/{ds}/patches/{shard}.tsv",
+    params:
+        num_shards=lambda w: len(shards(w.ds)),
+        boxes=lambda w: (
+            f"--boxes data/raw/{w.ds}/boxes.tsv" if ds_config(w.ds)["source"] == "synthetic" else ""
+        ),
+        max_bad=config.get("max_bad_fraction", 0.05),
+        options=lambda w: cli_options(ds_config(w.ds).get("crop")),
+    threads: 2
+    log:
+        "logs/{ds}/crop_{shard}.log",
+    benchmark:
+        "benchmarks/out/{ds}/crop_{shard}.tsv"
+    shell:
+        "hamil crop --images {input.images} --shard {wildcards.shard} --num-shards {params.num_shards}"
+        " --out-zarr {output.store} --out-tsv {output.table} {params.boxes} --workers {threads}"
+        " --max-bad-fraction {params.max_bad} {params.options} > {log} 2>&1"

@@ -1,0 +1,64 @@
+# evaluate, figures and compare.
+
+
+rule evaluate:
+    input:
+        run_dirs("results/{ds}/{model}/seed{seed}/metrics.json"),
+
+
+rule figures:
+    input:
+        run_dirs("results/{ds}/{model}/seed{seed}/curves.png"),
+
+
+rule compare:
+    input:
+        expand("results/{ds}/comparison.md", ds=DATASETS),
+
+
+rule evaluate_model:
+    input:
+        checkpoint="results/{ds}/{model}/seed{seed}/best.pt",
+        store="data/processed/{ds}.zarr",
+    output:
+        metrics="results/{ds}/{model}/seed{seed}/metrics.json",
+        predictions="results/{ds}/{model}/seed{seed}/predictions.tsv",
+        per_class="results/{ds}/{model}/seed{seed}/per_class.tsv",
+    params:
+        out_dir=subpath(output.metrics, parent=True),
+        split=config.get("evaluate", {}).get("split", "test"),
+        threshold=config.get("evaluate", {}).get("threshold", 0.5),
+    log:
+        "logs/{ds}/evaluate_{model}_seed{seed}.log",
+    shell:
+        "hamil evaluate --checkpoint {input.checkpoint} --store {input.store} --out-dir {params.out_dir}"
+        " --split {params.split} --threshold {params.threshold} > {log} 2>&1"
+
+
+rule figures_run:
+    input:
+        history="results/{ds}/{model}/seed{seed}/history.csv",
+    output:
+        curves="results/{ds}/{model}/seed{seed}/curves.png",
+    params:
+        run_dir=subpath(input.history, parent=True),
+        title="{ds} {model} seed {seed}",
+    log:
+        "logs/{ds}/figures_{model}_seed{seed}.log",
+    shell:
+        "hamil figures --run-dir {params.run_dir} --title '{params.title}' > {log} 2>&1"
+
+
+rule compare_dataset:
+    input:
+        metrics=lambda w: expand("results/{ds}/{model}/seed{seed}/metrics.json", ds=w.ds, model=MODELS, seed=SEEDS),
+    output:
+        tsv="results/{ds}/comparison.tsv",
+        md="results/{ds}/comparison.md",
+    params:
+        title="{ds}: test split",
+    log:
+        "logs/{ds}/compare.log",
+    shell:
+        "hamil compare --metrics {input.metrics} --out-tsv {output.tsv} --out-md {output.md}"
+        " --title '{params.title}' > {log} 2>&1"
