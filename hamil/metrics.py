@@ -45,8 +45,9 @@ def compute_metrics(
     ]
     return {
         "macro_auc": float(np.nanmean(auc)) if np.isfinite(auc).any() else None,
-        "macro_f1": float(f1_score(y_true, pred, average="macro", **kw)),
-        "micro_f1": float(f1_score(y_true, pred, average="micro", **kw)),
+        # per column, so a single-class task is not read by scikit-learn as binary over {0, 1}
+        "macro_f1": float(np.mean([row["f1"] for row in per_class])) if per_class else 0.0,
+        "micro_f1": float(f1_score(y_true.ravel(), pred.ravel(), **kw)),
         "subset_accuracy": float((pred == y_true).all(axis=1).mean()) if len(y_true) else None,
         "auc_classes": int(np.isfinite(auc).sum()),
         "bags": len(y_true),

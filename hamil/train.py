@@ -116,7 +116,7 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(sizes)
+        total += loss.item() * len(sizes)
         count += len(sizes)
         bar.set_postfix(loss=f"{total / count:.4f}")
     return total / max(count, 1)

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.cluster.hierarchy import linkage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import minimum_spanning_tree
 from scipy.spatial.distance import pdist
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["merge_order", "tree_height", "tree_levels"]
 
@@ -49,7 +54,7 @@ class _Spanning:
     pairs_at: PairsAt
 
 
-def merge_order(features: np.ndarray | Any) -> np.ndarray:
+def merge_order(features: np.ndarray | torch.Tensor) -> np.ndarray:
     """Merge triplets of single-linkage clustering, identical to HAMIL's Algorithm 1.
 
     Args:
@@ -125,7 +130,7 @@ def tree_height(triplets: np.ndarray, n: int) -> int:
 # input handling
 
 
-def _as_features(features: np.ndarray | Any) -> np.ndarray:
+def _as_features(features: np.ndarray | torch.Tensor) -> np.ndarray:
     """Validate features and return them as a C-contiguous float64 ``(n, d)`` array."""
     if hasattr(features, "detach") and hasattr(features, "cpu"):  # torch.Tensor without importing torch
         features = features.detach().cpu().double().numpy()
@@ -159,6 +164,8 @@ def _check_triplets(triplets: np.ndarray, n: int) -> np.ndarray:
     children = rows[:, :2]
     if (children < 0).any() or (children >= new[:, None]).any():
         raise ValueError("every child id must be >= 0 and smaller than the id of the cluster it forms")
+    if np.unique(children).size != children.size:
+        raise ValueError("every cluster id must be merged at most once")
     return rows
 
 
@@ -237,15 +244,16 @@ def _no_pairs(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _gram_spanning(x: np.ndarray) -> _Spanning | None:
-    """Skeleton from a BLAS Gram matrix, certified exact; ``None`` when certification fails.
+    """Skeleton from a BLAS Gram matrix, certified exact; ``None`` when too many pairs are uncertain.
 
     1. ``S ~ ||x_i - x_j||^2`` from centred features via one matrix product (error bounded below).
     2. Prim's minimum spanning tree ``T`` on ``S``; exact distances ``w`` of its ``n - 1`` edges.
     3. ``B[i, j]`` = largest exact ``w`` on the tree path i..j (single-linkage cophenetic height).
        ``T`` is a minimum spanning tree for the exact distances iff ``d(i, j) >= B[i, j]`` for all
-       pairs. The bound proves ``d > B`` for almost all pairs; the rest are computed exactly.
-    4. A pair can be a tied candidate at some merge level only if ``d == B``; those pairs and the
-       tree edges are all the tie handling needs.
+       pairs. The bound proves ``d > B`` for almost all pairs; the rest (candidates) are computed
+       exactly, and if one has ``d < B`` the tree is recomputed on T + candidates.
+    4. A pair can be a tied candidate at some merge level only if ``d`` equals its minimax distance
+       (<= B); such pairs are all among T + candidates, which is what the tie handling gets.
     """
     n, dim = x.shape
     xc = x - x.mean(axis=0)
@@ -263,7 +271,7 @@ def _gram_spanning(x: np.ndarray) -> _Spanning | None:
     order = np.argsort(w, kind="stable")
     tree_u, tree_v, w = tree_u[order], tree_v[order], w[order]
     leaf_order, gaps = _leaf_order(n, tree_u, tree_v, w)
-    slack = _distance_error_factor(dim) * np.sqrt(sq_norm)
+    slack = _distance_error_factor(dim) * np.sqrt(sq_norm) + _underflow_slack(dim)
     found = _uncertified_pairs(
         gram, leaf_order, gaps, slack, limit=n + int(_MAX_CHECKED_FRACTION * n * n / 2)
     )
@@ -273,18 +281,39 @@ def _gram_spanning(x: np.ndarray) -> _Spanning | None:
     is_tree = np.isin(_pair_keys(cand_u, cand_v, n), _pair_keys(tree_u, tree_v, n))
     cand_u, cand_v, cand_b = cand_u[~is_tree], cand_v[~is_tree], cand_b[~is_tree]
     cand_d = _exact_distances(x, cand_u, cand_v)
-    if (cand_d < cand_b).any():  # T is not a minimum spanning tree for the exact distances
-        return None
-    tied = cand_d == cand_b
-    pair_u = np.concatenate([tree_u, cand_u[tied]])
-    pair_v = np.concatenate([tree_v, cand_v[tied]])
-    pair_d = np.concatenate([w, cand_d[tied]])
+    pair_u = np.concatenate([tree_u, cand_u])
+    pair_v = np.concatenate([tree_v, cand_v])
+    pair_d = np.concatenate([w, cand_d])
+    if (cand_d < cand_b).any():
+        # T is not minimal for the exact distances (near-ties within the error bound). Every certified
+        # pair is the strict maximum of its cycle with T, so it is in no minimum spanning tree: one of
+        # T + candidates, with exact weights, is a minimum spanning tree of the whole bag.
+        tree_u, tree_v, w = _minimum_spanning_tree(n, pair_u, pair_v, pair_d)
 
     def pairs_at(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Every pair at distance == its minimax distance is in T + candidates; others are filtered later.
         keep = np.isin(pair_d, levels)
         return pair_u[keep], pair_v[keep], pair_d[keep]
 
     return _Spanning(tree_u, tree_v, w, pairs_at)
+
+
+def _minimum_spanning_tree(
+    n: int, u: np.ndarray, v: np.ndarray, d: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Minimum spanning tree of a sparse connected graph, edges sorted by weight ``d`` (exact copies).
+
+    scipy's csgraph drops zero weights, so it runs on dense ranks ``1, 2, ...`` of the distinct
+    weights: order and ties are preserved exactly.
+    """
+    values, rank = np.unique(d, return_inverse=True)
+    graph = coo_matrix((rank.astype(np.float64) + 1.0, (u, v)), shape=(n, n)).tocsr()
+    tree = minimum_spanning_tree(graph).tocoo()
+    if tree.nnz != n - 1:
+        raise RuntimeError("internal error: the candidate graph is not connected")
+    weight = values[tree.data.astype(np.int64) - 1]
+    order = np.argsort(weight, kind="stable")
+    return tree.row[order].astype(np.int64), tree.col[order].astype(np.int64), weight[order]
 
 
 def _distance_error_factor(dim: int) -> float:
@@ -297,6 +326,11 @@ def _distance_error_factor(dim: int) -> float:
     itself (``(d / 2 + 3) eps`` relative). A factor 2 on top covers the rounding of the norms.
     """
     return 2.0 * (np.sqrt(1.01 * (dim + 3) * _EPS) + (dim / 2.0 + 5.0) * _EPS)
+
+
+def _underflow_slack(dim: int) -> float:
+    """Absolute distance error from gradual underflow: each of ``d + 8`` operations loses < 2^-1074."""
+    return float(np.sqrt(4.0 * (dim + 8) * 2.0**-1074))
 
 
 def _prim(sq_dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -87,8 +87,7 @@ def propose_boxes(field: np.ndarray, params: CropParams) -> np.ndarray:
     decreasing score order, and before any square expansion. The result is deterministic.
     """
     small, factor = _downscale(field, params.downscale)  # (h, w, 3), full = small * factor
-    candidates = _unique(_raw_proposals(_proposal_image(small, params), params))  # (c, 4) at small resolution
-    keep_small, _ = _select(small, candidates, params)  # (n, 4)
+    keep_small, _ = _select(small, _candidates(small, params), params)  # (n, 4)
     return _to_full(keep_small, factor, field.shape[:2])
 
 
@@ -100,6 +99,11 @@ def _downscale(field: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
     size = (max(1, round(w / factor)), max(1, round(h / factor)))
     small = cv2.resize(field, size, interpolation=cv2.INTER_AREA)
     return small, max(h / small.shape[0], w / small.shape[1])
+
+
+def _candidates(small: np.ndarray, params: CropParams) -> np.ndarray:
+    """Unique raw proposals ``(c, 4)`` (x0, y0, x1, y1) on the downscaled field, sorted."""
+    return _unique(_raw_proposals(_proposal_image(small, params), params))
 
 
 def _proposal_image(small: np.ndarray, params: CropParams) -> np.ndarray:

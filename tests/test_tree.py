@@ -143,17 +143,37 @@ def test_gram_route_matches_reference_on_gaussian(n: int, d: int, seed: int) -> 
         _check(x)
 
 
-def test_gram_route_falls_back_when_tree_is_not_minimal(gram_route: None, monkeypatch) -> None:
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((30, 4))
+@pytest.mark.parametrize("checked_fraction", [1.0 / 16.0, 1.0])
+def test_gram_route_repairs_or_rejects_a_non_minimal_tree(
+    gram_route: None, monkeypatch: pytest.MonkeyPatch, checked_fraction: float
+) -> None:
+    """A wrong approximate tree is caught by the certificate: recomputed, or handed to pdist."""
+    x = np.random.default_rng(3).standard_normal((30, 4))
 
     def chain(sq_dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = sq_dist.shape[0]
         return np.arange(n - 1), np.arange(1, n)
 
     monkeypatch.setattr(tree, "_prim", chain)
-    assert tree._gram_spanning(x) is None
+    monkeypatch.setattr(tree, "_MAX_CHECKED_FRACTION", checked_fraction)
+    spanning = tree._gram_spanning(x)
+    if checked_fraction == 1.0:
+        assert spanning is not None
+        np.testing.assert_array_equal(tree._replay(30, spanning), _reference_merge_order(x))
     _check(x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_gram_route_on_decimal_near_ties(n: int, d: int, seed: int) -> None:
+    """Rounded decimals: mathematically tied distances differ by ulps, inside the Gram error bound."""
+    x = np.round(np.random.default_rng(seed).standard_normal((n, d)), 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tree, "_GRAM_MIN_N", 2)
+        mp.setattr(tree, "_GRAM_MIN_DIM", 1)
+        mp.setattr(tree, "_MAX_CHECKED_FRACTION", 1.0)
+        assert tree._gram_spanning(x) is not None
+        _check(x)
 
 
 def test_gram_route_equals_pdist_route_at_scale() -> None:
@@ -308,3 +328,5 @@ def test_levels_validate_input() -> None:
         tree_levels(np.array([[0, 1, 5], [2, 3, 4], [4, 5, 6]]), 4)
     with pytest.raises(ValueError, match="child"):
         tree_levels(np.array([[0, 1, 4], [2, 5, 5], [3, 4, 6]]), 4)
+    with pytest.raises(ValueError, match="at most once"):
+        tree_levels(np.array([[0, 1, 4], [1, 2, 5], [3, 5, 6]]), 4)

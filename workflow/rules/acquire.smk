@@ -21,6 +21,8 @@ rule synth:
     params:
         options=lambda w: cli_options(ds_config(w.ds).get("synthetic")),
     threads: 2
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/synth.log",
     benchmark:
@@ -38,6 +40,8 @@ rule download:
         source=lambda w: ds_config(w.ds)["source"],
     resources:
         http=1,
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/download.log",
     shell:

@@ -17,6 +17,8 @@ rule bags_dataset:
         source=lambda w: ds_config(w.ds)["source"],
         options=lambda w: cli_options(ds_config(w.ds).get("bags")),
     threads: 2
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/bags.log",
     benchmark:

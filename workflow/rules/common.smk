@@ -1,12 +1,12 @@
 # Helpers shared by the rules: config lookups and config -> CLI option strings.
 
+import json
 import shlex
 from pathlib import Path
 
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
 SEEDS = [int(s) for s in config["seeds"]]
-CROP_SOURCES = ("synthetic", "hpa", "bdgp", "folder")
 
 
 wildcard_constraints:
@@ -24,15 +24,15 @@ def cli_options(values):
     """{'patch_size': 64, 'split_ratio': [4, 1, 5], 'augment': False} -> '--patch-size 64 --split-ratio 4 1 5 --no-augment'."""
     parts = []
     for key, value in (values or {}).items():
-        flag = "--" + key.replace("_", "-")
+        name = key.replace("_", "-")
         if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+            parts.append(f"--{name}" if value else f"--no-{name}")
         elif isinstance(value, (list, tuple)):
-            parts.append(flag + " " + " ".join(shlex.quote(str(v)) for v in value))
+            parts.append(f"--{name} {' '.join(shlex.quote(str(v)) for v in value)}")
         elif isinstance(value, dict):
-            parts.append(flag + " " + shlex.quote(json.dumps(value)))
+            parts.append(f"--{name} {shlex.quote(json.dumps(value))}")
         elif value is not None:
-            parts.append(flag + " " + shlex.quote(str(value)))
+            parts.append(f"--{name} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 
@@ -48,7 +48,5 @@ def print_comparisons():
     for ds in DATASETS:
         md = Path(f"results/{ds}/comparison.md")
         if md.is_file():
-            print(f"\n{ds}: {md}\n" + md.read_text())
+            print(f"\n{ds}: {md}\n{md.read_text()}")
 
-
-import json

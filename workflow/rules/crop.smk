@@ -20,6 +20,8 @@ rule crop_shard:
         max_bad=config.get("max_bad_fraction", 0.05),
         options=lambda w: cli_options(ds_config(w.ds).get("crop")),
     threads: 2
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/crop_{shard}.log",
     benchmark:

@@ -28,6 +28,8 @@ rule evaluate_model:
         out_dir=subpath(output.metrics, parent=True),
         split=config.get("evaluate", {}).get("split", "test"),
         threshold=config.get("evaluate", {}).get("threshold", 0.5),
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/evaluate_{model}_seed{seed}.log",
     shell:
@@ -43,6 +45,8 @@ rule figures_run:
     params:
         run_dir=subpath(input.history, parent=True),
         title="{ds} {model} seed {seed}",
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/figures_{model}_seed{seed}.log",
     shell:
@@ -57,6 +61,8 @@ rule compare_dataset:
         md="results/{ds}/comparison.md",
     params:
         title="{ds}: test split",
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/compare.log",
     shell:

@@ -24,6 +24,8 @@ rule train_model:
     threads: config.get("train_threads", 2)
     resources:
         gpu=1,
+    conda:
+        "../envs/hamil.yaml"
     log:
         "logs/{ds}/train_{model}_seed{seed}.log",
     benchmark:
