@@ -22,7 +22,7 @@ def segment_sum(features: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor
 class MeanPool(Aggregator):
     """MI baseline: the element-wise mean of a bag's instance feature maps."""
 
-    def __init__(self, channels: int, **_: object) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.out_channels = channels
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -49,7 +50,13 @@ def create(name: str, channels: int, **options: object) -> Aggregator:
     """Instantiate the aggregator ``name`` for ``channels`` input channels."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available())}")
-    return _REGISTRY[name](channels, **options)
+    cls = _REGISTRY[name]
+    accepted = set(inspect.signature(cls).parameters) - {"channels", "unit"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "none"
+        raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: {takes}")
+    return cls(channels, **options)
 
 
 def bag_slices(bag_sizes: torch.Tensor) -> list[slice]:

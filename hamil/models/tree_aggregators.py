@@ -97,7 +97,9 @@ class Hamil(TreeAggregator):
 
     Options: ``depth`` (1 = L1Agg, 2 = L2Agg, 3 = L3Agg), ``kernel_size`` (7), ``batch_norm`` (True),
     ``hidden`` (width of inner layers for depth > 1), ``tree_features`` ("flatten": Euclidean distances
-    between flattened feature maps, the paper's wording; or "pooled": between pooled vectors).
+    between flattened feature maps, the paper's wording; or "pooled": between pooled vectors), ``init``
+    ("average": the unit starts as the mean of its two inputs, so training starts from HAMIL-A; "default":
+    PyTorch's random init, which learns much more slowly from a random backbone, see docs/design-notes.md).
     """
 
     def __init__(
@@ -108,11 +110,12 @@ class Hamil(TreeAggregator):
         batch_norm: bool = True,
         hidden: int = 2,
         tree_features: str = "flatten",
+        init: str = "average",
         unit: nn.Module | None = None,
     ) -> None:
         if tree_features not in TREE_FEATURES:
             raise ValueError(f"tree_features must be one of {TREE_FEATURES}, got {tree_features!r}")
-        super().__init__(channels, unit or AggregationUnit(depth, kernel_size, batch_norm, hidden))
+        super().__init__(channels, unit or AggregationUnit(depth, kernel_size, batch_norm, hidden, init=init))
         self.tree_features = tree_features
 
     def bag_tree(self, features: torch.Tensor) -> np.ndarray:
@@ -123,7 +126,7 @@ class Hamil(TreeAggregator):
 class HamilA(Hamil):
     """HAMIL-A (ablation): HAMIL's single-linkage tree with the element-wise mean as the unit."""
 
-    def __init__(self, channels: int, tree_features: str = "flatten", **_: object) -> None:
+    def __init__(self, channels: int, tree_features: str = "flatten") -> None:
         super().__init__(channels, tree_features=tree_features, unit=MeanUnit())
 
 
@@ -143,9 +146,9 @@ class Ramil(TreeAggregator):
         batch_norm: bool = True,
         hidden: int = 2,
         seed: int = 0,
-        **_: object,
+        init: str = "average",
     ) -> None:
-        super().__init__(channels, AggregationUnit(depth, kernel_size, batch_norm, hidden))
+        super().__init__(channels, AggregationUnit(depth, kernel_size, batch_norm, hidden, init=init))
         self.seed = seed
         self._train_rng = np.random.default_rng(seed)
         self._eval_rng = np.random.default_rng(seed)

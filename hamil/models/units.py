@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+UNIT_INITS = ("default", "average")
+
 
 class AggregationUnit(nn.Module):
     """L1Agg / L2Agg / L3Agg: ``depth`` layers of Conv(k) -> BN, with ReLU between layers.
@@ -17,9 +19,17 @@ class AggregationUnit(nn.Module):
     """
 
     def __init__(
-        self, depth: int = 1, kernel_size: int = 7, batch_norm: bool = True, hidden: int = 2, dims: int = 2
+        self,
+        depth: int = 1,
+        kernel_size: int = 7,
+        batch_norm: bool = True,
+        hidden: int = 2,
+        dims: int = 2,
+        init: str = "default",
     ) -> None:
         super().__init__()
+        if init not in UNIT_INITS:
+            raise ValueError(f"unit init must be one of {UNIT_INITS}, got {init!r}")
         if depth < 1 or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"need depth >= 1 and an odd kernel size, got depth={depth}, k={kernel_size}")
         conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
@@ -34,6 +44,19 @@ class AggregationUnit(nn.Module):
             if i < depth - 1:
                 layers.append(nn.ReLU(inplace=True))
         self.layers = nn.Sequential(*layers)
+        if init == "average":
+            self.reset_to_average()
+
+    def reset_to_average(self) -> None:
+        """Start as the mean of the two inputs: zero kernels except equal centre taps (``1 / in_channels``)."""
+        with torch.no_grad():
+            for layer in self.layers:
+                if isinstance(layer, nn.Conv1d | nn.Conv2d):
+                    layer.weight.zero_()
+                    centre = tuple(k // 2 for k in layer.kernel_size)
+                    layer.weight[(slice(None), slice(None), *centre)] = 1.0 / layer.in_channels
+                    if layer.bias is not None:
+                        layer.bias.zero_()
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         if self.dims == 2:
