@@ -55,8 +55,8 @@ class CropParams:
     square: bool = True  # expand kept boxes to squares around their centre before resizing
     min_score: float = 0.3  # candidates scoring below are dropped (score in [0, 1], see module docstring)
     ring: float = 0.01  # width of the background ring outside a box, fraction of the shorter side (>= 2 px)
-    gamma: float = 0.5  # proposal image: intensities (normalised to the 99.5th percentile) ** gamma
-    smooth: float = 0.006  # proposal image: Gaussian sigma, fraction of the shorter side (0: none)
+    gamma: float = 1.0  # proposal image: intensities (normalised to the 99.5th percentile) ** gamma
+    smooth: float = 0.0  # proposal image: Gaussian sigma, fraction of the shorter side (0: none)
     # opencv backend
     opencv_mode: str = "single"  # "fast" (switchToSelectiveSearchFast), "single" or "quality"
     opencv_k: int = 300  # graph-segmentation k (base_k for fast/quality; inc_k = k)

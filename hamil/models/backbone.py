@@ -33,7 +33,7 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()  # (N, 3, H, W)
+        x = images.to(self.mean.dtype)  # (N, 3, H, W), the model's float type
         if images.dtype == torch.uint8:
             x = x / 255.0
         x = (x - self.mean) / self.std

@@ -119,7 +119,28 @@ class Hamil(TreeAggregator):
         self.tree_features = tree_features
 
     def bag_tree(self, features: torch.Tensor) -> np.ndarray:
-        return merge_order(_tree_input(features, self.tree_features))
+        points = _tree_input(features, self.tree_features).double().cpu().numpy()  # (n, D)
+        return canonical_children(merge_order(points), points)
+
+
+def canonical_children(triplets: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Order each merge's children independently of the instances' order in the bag.
+
+    Algorithm 1 gives ``a < b`` by cluster id. Ids of merged clusters follow merge height, which does not
+    depend on the instance order, but leaf ids are instance indices. So where both children are leaves,
+    they are ordered by their feature vectors (lexicographically) instead; everything else is kept. With
+    distinct distances the unit (which is not symmetric in its inputs) then sees the same (left, right) for
+    any permutation of the bag: HAMIL is permutation invariant, as the paper states.
+    """
+    n = len(points)
+    out = triplets.copy()
+    both = np.flatnonzero((out[:, 0] < n) & (out[:, 1] < n))
+    if len(both):
+        diff = points[out[both, 0]] - points[out[both, 1]]  # (m, D)
+        first = np.argmax(diff != 0, axis=1)
+        swap = diff[np.arange(len(both)), first] > 0
+        out[both[swap], :2] = out[both[swap], 1::-1]
+    return out
 
 
 @register("hamil_a")
