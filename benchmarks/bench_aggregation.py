@@ -19,8 +19,9 @@ from hamil.models import build_model
 from hamil.tree import merge_order
 
 
-def step_time(model: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor,
-              repeats: int) -> float:
+def step_time(
+    model: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor, repeats: int
+) -> float:
     """Median wall time of forward + backward + Adam step."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -37,7 +38,9 @@ def step_time(model: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Checkpoints: a plain dict of tensors and primitives, written atomically, loaded with ``weights_only=True``."""
+"""Checkpoints: a dict of tensors and primitives, written atomically, loaded with ``weights_only=True``."""
 
 from __future__ import annotations
 
@@ -37,8 +37,12 @@ def load_checkpoint(path: str | os.PathLike[str], num_classes: int | None = None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a HAMIL checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise InputError(f"{path}: checkpoint version {ckpt.get('version')}, this HAMIL reads {CHECKPOINT_VERSION}")
+        raise InputError(
+            f"{path}: checkpoint version {ckpt.get('version')}, this HAMIL reads {CHECKPOINT_VERSION}"
+        )
     if num_classes is not None and len(ckpt["class_names"]) != num_classes:
-        raise InputError(f"{path}: checkpoint has {len(ckpt['class_names'])} classes, the data has {num_classes}")
+        raise InputError(
+            f"{path}: checkpoint has {len(ckpt['class_names'])} classes, the data has {num_classes}"
+        )
     ckpt["config"] = TrainConfig.from_dict(ckpt["config"])
     return ckpt

@@ -19,7 +19,7 @@ log = logging.getLogger("hamil")
 
 
 def _dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """Add one ``--field-name`` option per dataclass field, typed from its annotation, default from the class."""
+    """Add one ``--field-name`` option per dataclass field, typed from its annotation."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} options")
     for f in dataclasses.fields(cls):
@@ -30,7 +30,9 @@ def _dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         else:
-            group.add_argument(flag, type=kind, nargs=nargs, default=argparse.SUPPRESS, metavar=f.name.upper())
+            group.add_argument(
+                flag, type=kind, nargs=nargs, default=argparse.SUPPRESS, metavar=f.name.upper()
+            )
 
 
 def _arg_type(hint: Any) -> tuple[Callable[[str], Any], str | None]:
@@ -86,8 +88,13 @@ def cmd_bags(args: argparse.Namespace) -> None:
     from preprocessing.bags import BagParams, build_bags
 
     stats = build_bags(
-        args.tables, args.stores, args.out_store, args.out_table, _dataclass_from(BagParams, args),
-        source=args.source, workers=args.workers,
+        args.tables,
+        args.stores,
+        args.out_store,
+        args.out_table,
+        _dataclass_from(BagParams, args),
+        source=args.source,
+        workers=args.workers,
     )
     log.info("bags: %s", stats)
 
@@ -106,8 +113,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate(
         args.checkpoint, args.store, args.out_dir, args.split, args.device, args.batch_bags, args.threshold
     )
-    log.info("%s: macro AUC %s, macro F1 %.4f, micro F1 %.4f", args.checkpoint, metrics["macro_auc"],
-             metrics["macro_f1"], metrics["micro_f1"])
+    log.info(
+        "%s: macro AUC %s, macro F1 %.4f, micro F1 %.4f",
+        args.checkpoint,
+        metrics["macro_auc"],
+        metrics["macro_f1"],
+        metrics["micro_f1"],
+    )
 
 
 def cmd_figures(args: argparse.Namespace) -> None:

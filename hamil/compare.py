@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ def gather(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     rows = []
     for path in paths:
         try:
-            data = json.loads(open(path).read())
+            data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise InputError(f"{path}: unreadable metrics file ({err})") from None
         missing = [k for k in ("model", "seed", *METRICS) if k not in data]

@@ -51,7 +51,7 @@ class BagDataset(Dataset):
 def random_dihedral(patches: torch.Tensor) -> torch.Tensor:
     """Apply one of the 8 flips/rotations, drawn independently, to each patch of ``(n, C, P, P)``."""
     ops = torch.randint(0, 8, (patches.shape[0],)).tolist()
-    out = [torch.rot90(p.flip(-1) if op >= 4 else p, op % 4, dims=(-2, -1)) for p, op in zip(patches, ops)]
+    out = [torch.rot90(p.flip(-1) if op >= 4 else p, op % 4, dims=(-2, -1)) for p, op in zip(patches, ops, strict=True)]
     return torch.stack(out) if out else patches
 
 
@@ -67,7 +67,12 @@ def collate_bags(
 
 
 def make_loader(
-    dataset: BagDataset, batch_bags: int, shuffle: bool, seed: int, num_workers: int = 0, pin_memory: bool = False
+    dataset: BagDataset,
+    batch_bags: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader of bag batches; shuffling and worker seeds derive from ``seed``."""
     generator = torch.Generator().manual_seed(seed)

@@ -45,7 +45,9 @@ def evaluate(
     store = BagStore(store_path)
     ckpt = load_checkpoint(checkpoint, num_classes=len(store.class_names))
     if ckpt["class_names"] != store.class_names:
-        raise InputError(f"{checkpoint}: classes {ckpt['class_names']} differ from the store's {store.class_names}")
+        raise InputError(
+            f"{checkpoint}: classes {ckpt['class_names']} differ from the store's {store.class_names}"
+        )
     dev = select_device(device)
     model = model_from_checkpoint(ckpt, dev)
     bags = store.bags_in(split)

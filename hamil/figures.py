@@ -24,7 +24,11 @@ def plot_curves(history_csv: str | os.PathLike[str], dest: str | os.PathLike[str
     ax_loss.plot(hist["epoch"], hist["val_loss"], label="val")
     ax_loss.set(xlabel="epoch", ylabel="BCE loss", title="loss")
     ax_loss.legend()
-    for col, name in (("val_macro_auc", "macro AUC"), ("val_macro_f1", "macro F1"), ("val_micro_f1", "micro F1")):
+    for col, name in (
+        ("val_macro_auc", "macro AUC"),
+        ("val_macro_f1", "macro F1"),
+        ("val_micro_f1", "micro F1"),
+    ):
         ax_metric.plot(hist["epoch"], hist[col], label=name)
     ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(0, 1), title="validation metrics")
     ax_metric.legend()

@@ -24,7 +24,15 @@ from preprocessing.io import atomic_path
 from preprocessing.store import BagStore
 
 log = logging.getLogger(__name__)
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_macro_auc", "val_macro_f1", "val_micro_f1", "seconds")
+HISTORY_FIELDS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_macro_auc",
+    "val_macro_f1",
+    "val_micro_f1",
+    "seconds",
+)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -41,7 +49,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     store = BagStore(cfg.store)
     train_bags, val_bags = store.bags_in("train"), store.bags_in("val")
     if len(train_bags) == 0 or len(val_bags) == 0:
-        raise InputError(f"{cfg.store}: need bags in both train and val splits (have {len(train_bags)}, {len(val_bags)})")
+        raise InputError(
+            f"{cfg.store}: need bags in both train and val splits (have {len(train_bags)}, {len(val_bags)})"
+        )
 
     options = dict(cfg.model_options)
     if cfg.model == "ramil":
@@ -51,10 +61,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     pin = device.type == "cuda"
     train_loader = make_loader(
-        BagDataset(store, train_bags, cfg.max_instances, cfg.augment), cfg.batch_bags, True, cfg.seed,
-        cfg.num_workers, pin,
+        BagDataset(store, train_bags, cfg.max_instances, cfg.augment),
+        cfg.batch_bags,
+        True,
+        cfg.seed,
+        cfg.num_workers,
+        pin,
     )
-    val_loader = make_loader(BagDataset(store, val_bags), cfg.batch_bags, False, cfg.seed, cfg.num_workers, pin)
+    val_loader = make_loader(
+        BagDataset(store, val_bags), cfg.batch_bags, False, cfg.seed, cfg.num_workers, pin
+    )
 
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"score": -math.inf}

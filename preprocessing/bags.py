@@ -91,7 +91,9 @@ def build_bags(
     patches = _read_patch_tables(shard_tables)
     if patches.empty:
         raise InputError(f"{shard_tables[0]}: no patches in any shard")
-    group_labels = {g: split_labels(s) for g, s in patches.groupby("group", sort=True)["labels"].first().items()}
+    group_labels = {
+        g: split_labels(s) for g, s in patches.groupby("group", sort=True)["labels"].first().items()
+    }
     classes = list(params.classes) if params.classes else select_classes(group_labels, params.top_k)
     if not classes:
         raise InputError(f"{shard_tables[0]}: no labels found, cannot choose classes")

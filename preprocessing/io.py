@@ -82,7 +82,7 @@ def read_table(path: str | os.PathLike[str], required: Sequence[str] = (), sep: 
 
 
 def read_images_table(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read an ``images.tsv`` (columns ``image_id, group, path, labels``), paths resolved against its folder."""
+    """Read an ``images.tsv`` (``image_id, group, path, labels``); paths resolved against its folder."""
     table = read_table(path, IMAGES_COLUMNS)
     dup = table["image_id"][table["image_id"].duplicated()]
     if len(dup):

@@ -26,7 +26,9 @@ def write_shard(folder: Path, name: str, groups: dict[str, tuple[int, str]], pat
     root = zarr.open_group(folder / f"{name}.zarr", mode="w", zarr_format=3)
     arr = create_patch_array(root, n, 3, patch)
     if n:
-        arr[:] = (np.arange(n, dtype=np.uint8)[:, None, None, None] + seed * 100) * np.ones((1, 3, patch, patch), np.uint8)
+        arr[:] = (np.arange(n, dtype=np.uint8)[:, None, None, None] + seed * 100) * np.ones(
+            (1, 3, patch, patch), np.uint8
+        )
     table.to_csv(folder / f"{name}.tsv", sep="\t", index=False)
     return folder / f"{name}.tsv", folder / f"{name}.zarr"
 

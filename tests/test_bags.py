@@ -46,7 +46,9 @@ def test_select_classes_counts_groups_and_breaks_ties_by_name():
 def test_store_round_trip(tmp_path, two_shards):
     tables, stores, groups = two_shards
     params = BagParams(top_k=4, max_bag_size=10, seed=3)
-    stats = build_bags(tables, stores, tmp_path / "ds.zarr", tmp_path / "ds" / "bags.tsv", params, "test", workers=2)
+    stats = build_bags(
+        tables, stores, tmp_path / "ds.zarr", tmp_path / "ds" / "bags.tsv", params, "test", workers=2
+    )
     store = BagStore(tmp_path / "ds.zarr")
     bags = pd.read_csv(tmp_path / "ds" / "bags.tsv", sep="\t", keep_default_na=False)
 
@@ -66,7 +68,9 @@ def test_store_round_trip(tmp_path, two_shards):
             hits = [
                 (k, i)
                 for k, t in enumerate(shard_tables)
-                for i in np.flatnonzero((t["image_id"] == image_id).to_numpy() & (t["x0"] == bx[0]).to_numpy())
+                for i in np.flatnonzero(
+                    (t["image_id"] == image_id).to_numpy() & (t["x0"] == bx[0]).to_numpy()
+                )
             ]
             assert any((shard_arrays[k][i] == patch).all() for k, i in hits)
         seen += len(patches)
@@ -92,10 +96,17 @@ def test_build_bags_is_deterministic(tmp_path, two_shards):
 
 def test_groups_without_kept_labels_are_dropped_or_kept_as_negatives(tmp_path, two_shards):
     tables, stores, groups = two_shards
-    dropped = build_bags(tables, stores, tmp_path / "d.zarr", tmp_path / "d" / "bags.tsv",
-                         BagParams(classes=("A",)), "t")
-    kept = build_bags(tables, stores, tmp_path / "k.zarr", tmp_path / "k" / "bags.tsv",
-                      BagParams(classes=("A",), keep_unlabeled=True), "t")
+    dropped = build_bags(
+        tables, stores, tmp_path / "d.zarr", tmp_path / "d" / "bags.tsv", BagParams(classes=("A",)), "t"
+    )
+    kept = build_bags(
+        tables,
+        stores,
+        tmp_path / "k.zarr",
+        tmp_path / "k" / "bags.tsv",
+        BagParams(classes=("A",), keep_unlabeled=True),
+        "t",
+    )
     without_a = sum("A" not in labels.split(";") for _, labels in groups.values())
     assert dropped["groups_dropped_without_label"] == without_a
     assert kept["groups"] == len(groups)

@@ -27,7 +27,9 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=60)
+    )
     torch.manual_seed(0)
     model = DistributedDataParallel(build_model("hamil", 3), find_unused_parameters=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -36,18 +38,24 @@ def _worker(rank: int, port: int, out: str) -> None:
     for _ in range(2):
         images = torch.randint(0, 256, (sum(sizes), 3, 48, 48), dtype=torch.uint8, generator=gen)
         labels = (torch.rand(len(sizes), 3, generator=gen) < 0.5).float()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images, torch.tensor(sizes)), labels)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(images, torch.tensor(sizes)), labels
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
     unit = model.module.aggregator.unit
-    torch.save({k: v for k, v in model.module.state_dict().items() if v.is_floating_point()}, f"{out}/rank{rank}.pt")
+    torch.save(
+        {k: v for k, v in model.module.state_dict().items() if v.is_floating_point()}, f"{out}/rank{rank}.pt"
+    )
     assert all(p.grad is not None for p in unit.parameters())
     dist.destroy_process_group()
 
 
 def test_singleton_bags_do_not_break_ddp(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     for proc in ctx.processes:
         proc.join(timeout=240)
     alive = [p for p in ctx.processes if p.is_alive()]

@@ -93,7 +93,9 @@ def test_hamil_is_permutation_invariant_and_ramil_is_not():
     hamil = _tree_model("hamil", init="default").double().eval()
     torch.testing.assert_close(hamil(feats, sizes).bags, hamil(feats[perm], sizes).bags, atol=1e-5, rtol=0)
     hamil_a = _tree_model("hamil_a").double().eval()
-    torch.testing.assert_close(hamil_a(feats, sizes).bags, hamil_a(feats[perm], sizes).bags, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        hamil_a(feats, sizes).bags, hamil_a(feats[perm], sizes).bags, atol=1e-5, rtol=0
+    )
     ramil = _tree_model("ramil", init="default").double().eval()
     assert not torch.allclose(ramil(feats, sizes).bags[0], ramil(feats[perm], sizes).bags[0], atol=1e-5)
 

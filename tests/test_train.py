@@ -16,22 +16,47 @@ from preprocessing.bags import BagParams, build_bags
 @pytest.fixture
 def store(tmp_path, two_shards):
     tables, stores, _ = two_shards
-    build_bags(tables, stores, tmp_path / "ds.zarr", tmp_path / "ds" / "bags.tsv",
-               BagParams(top_k=3, max_bag_size=6, split_ratio=(2, 1, 1)), "test")
+    build_bags(
+        tables,
+        stores,
+        tmp_path / "ds.zarr",
+        tmp_path / "ds" / "bags.tsv",
+        BagParams(top_k=3, max_bag_size=6, split_ratio=(2, 1, 1)),
+        "test",
+    )
     return tmp_path / "ds.zarr"
 
 
 @pytest.mark.parametrize("model", ["hamil", "mean"])
 def test_train_evaluate_figures(tmp_path, store, model):
     run = tmp_path / model
-    args = ["--store", str(store), "--out-dir", str(run), "--model", model, "--epochs", "2", "--batch-bags", "4",
-            "--max-instances", "5", "--lr", "1e-3", "--threads", "1"]
+    args = [
+        "--store",
+        str(store),
+        "--out-dir",
+        str(run),
+        "--model",
+        model,
+        "--epochs",
+        "2",
+        "--batch-bags",
+        "4",
+        "--max-instances",
+        "5",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+    ]
     assert main(["train", *args]) == 0
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [1, 2] and history["train_loss"].notna().all()
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["config"].model == model and ckpt["class_names"]
-    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--store", str(store), "--out-dir", str(run)]) == 0
+    assert (
+        main(["evaluate", "--checkpoint", str(run / "best.pt"), "--store", str(store), "--out-dir", str(run)])
+        == 0
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"macro_auc", "macro_f1", "micro_f1"} <= set(metrics) and metrics["model"] == model
     preds = pd.read_csv(run / "predictions.tsv", sep="\t")
@@ -42,8 +67,27 @@ def test_train_evaluate_figures(tmp_path, store, model):
 
 def test_training_is_reproducible_for_a_seed(tmp_path, store):
     def run(name):
-        main(["train", "--store", str(store), "--out-dir", str(tmp_path / name), "--model", "hamil", "--epochs", "1",
-              "--batch-bags", "4", "--max-instances", "5", "--threads", "1", "--seed", "7"])
+        main(
+            [
+                "train",
+                "--store",
+                str(store),
+                "--out-dir",
+                str(tmp_path / name),
+                "--model",
+                "hamil",
+                "--epochs",
+                "1",
+                "--batch-bags",
+                "4",
+                "--max-instances",
+                "5",
+                "--threads",
+                "1",
+                "--seed",
+                "7",
+            ]
+        )
         return torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
 
     a, b = run("a"), run("b")
@@ -53,11 +97,15 @@ def test_training_is_reproducible_for_a_seed(tmp_path, store):
 def test_checkpoint_errors_are_one_line(tmp_path, store, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    assert main(["evaluate", "--checkpoint", str(bad), "--store", str(store), "--out-dir", str(tmp_path)]) == 2
+    assert (
+        main(["evaluate", "--checkpoint", str(bad), "--store", str(store), "--out-dir", str(tmp_path)]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("hamil evaluate: error:") and "bad.pt" in err and "\n" not in err
     torch.save({"format": "something else"}, bad)
-    assert main(["evaluate", "--checkpoint", str(bad), "--store", str(store), "--out-dir", str(tmp_path)]) == 2
+    assert (
+        main(["evaluate", "--checkpoint", str(bad), "--store", str(store), "--out-dir", str(tmp_path)]) == 2
+    )
     assert "not a HAMIL checkpoint" in capsys.readouterr().err
 
 

@@ -16,7 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        *args,
+    ]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
@@ -32,7 +41,14 @@ def test_lint_is_clean(tmp_path):
 def test_full_reproduction_dag_dry_run(tmp_path):
     proc = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/config.yaml"))
     out = proc.stdout + proc.stderr
-    for rule in ("download", "crop_shard", "bags_dataset", "train_model", "evaluate_model", "compare_dataset"):
+    for rule in (
+        "download",
+        "crop_shard",
+        "bags_dataset",
+        "train_model",
+        "evaluate_model",
+        "compare_dataset",
+    ):
         assert rule in out
 
 
@@ -72,8 +88,13 @@ def test_end_to_end_tiny(tmp_path):
     assert crop_stats["recall"] >= 0.8
     assert (tmp_path / "logs/tiny/train_hamil_seed0.log").is_file()
     # nothing left to do; a single stage target and a forced rerun of one job rule are both accepted
-    assert "Nothing to be done" in snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/tiny.yaml")).stdout
+    assert (
+        "Nothing to be done"
+        in snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/tiny.yaml")).stdout
+    )
     proc = snakemake(tmp_path, "-n", "-R", "train_model", "--configfile", str(REPO / "config/tiny.yaml"))
     assert "train_model" in proc.stdout and "evaluate_model" in proc.stdout
-    proc = snakemake(tmp_path, "-n", "-R", "bags_dataset", "--configfile", str(REPO / "config/tiny.yaml"), "bags")
+    proc = snakemake(
+        tmp_path, "-n", "-R", "bags_dataset", "--configfile", str(REPO / "config/tiny.yaml"), "bags"
+    )
     assert "bags_dataset" in proc.stdout and "train_model" not in proc.stdout

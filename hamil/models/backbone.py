@@ -48,4 +48,6 @@ def _load_local_weights(net: nn.Module, path: Path) -> None:
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(f"{path}: not a ResNet18 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{path}: not a ResNet18 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

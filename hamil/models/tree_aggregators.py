@@ -51,7 +51,9 @@ class TreeAggregator(Aggregator):
             with torch.no_grad():
                 tri = self.bag_tree(features[part].detach())  # (n - 1, 3) local ids
             # local ids -> global ids: leaves are rows of `features`, new nodes are appended after them
-            local_to_global = np.concatenate([np.arange(offset, offset + n), np.arange(next_id, next_id + n - 1)])
+            local_to_global = np.concatenate(
+                [np.arange(offset, offset + n), np.arange(next_id, next_id + n - 1)]
+            )
             merges.append(local_to_global[tri])
             levels.append(tree_levels(tri, n))
             roots.append(local_to_global[-1] if n > 1 else offset)
@@ -76,7 +78,9 @@ class TreeAggregator(Aggregator):
             self.last_unit_calls += 1
         bags = nodes[torch.as_tensor(row_of[np.asarray(roots, dtype=np.int64)], device=features.device)]
         if self.last_unit_calls == 0:
-            bags = bags + _zero_touch(self.unit)  # keeps DDP's gradient hooks firing for all-singleton batches
+            bags = bags + _zero_touch(
+                self.unit
+            )  # keeps DDP's gradient hooks firing for all-singleton batches
         return AggregatorOutput(bags, None)
 
 

@@ -1,4 +1,4 @@
-"""Aggregation units of HAMIL (paper Eqs. 2-4): two maps in, one map out, one kernel shared by all channels."""
+"""Aggregation units of HAMIL (paper Eqs. 2-4): two maps in, one map out, one kernel for all channels."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class AggregationUnit(nn.Module):
             self.reset_to_average()
 
     def reset_to_average(self) -> None:
-        """Start as the mean of the two inputs: zero kernels except equal centre taps (``1 / in_channels``)."""
+        """Start as the mean of the two inputs: zero kernels but equal centre taps (``1 / in_channels``)."""
         with torch.no_grad():
             for layer in self.layers:
                 if isinstance(layer, nn.Conv1d | nn.Conv2d):
