@@ -51,7 +51,10 @@ class BagDataset(Dataset):
 def random_dihedral(patches: torch.Tensor) -> torch.Tensor:
     """Apply one of the 8 flips/rotations, drawn independently, to each patch of ``(n, C, P, P)``."""
     ops = torch.randint(0, 8, (patches.shape[0],)).tolist()
-    out = [torch.rot90(p.flip(-1) if op >= 4 else p, op % 4, dims=(-2, -1)) for p, op in zip(patches, ops, strict=True)]
+    out = [
+        torch.rot90(p.flip(-1) if op >= 4 else p, op % 4, dims=(-2, -1))
+        for p, op in zip(patches, ops, strict=True)
+    ]
     return torch.stack(out) if out else patches
 
 
