@@ -57,6 +57,7 @@ class CropParams:
     ring: float = 0.01  # width of the background ring outside a box, fraction of the shorter side (>= 2 px)
     gamma: float = 1.0  # proposal image: intensities (normalised to the 99.5th percentile) ** gamma
     smooth: float = 0.0  # proposal image: Gaussian sigma, fraction of the shorter side (0: none)
+    mask_background: bool = True  # proposal image: background pixels (see foreground mask) set to 0
     # opencv backend
     opencv_mode: str = "single"  # "fast" (switchToSelectiveSearchFast), "single" or "quality"
     opencv_k: int = 300  # graph-segmentation k (base_k for fast/quality; inc_k = k)
@@ -87,7 +88,8 @@ def propose_boxes(field: np.ndarray, params: CropParams) -> np.ndarray:
     decreasing score order, and before any square expansion. The result is deterministic.
     """
     small, factor = _downscale(field, params.downscale)  # (h, w, 3), full = small * factor
-    keep_small, _ = _select(small, _candidates(small, params), params)  # (n, 4)
+    masks = _masks(small)
+    keep_small, _ = _select(_candidates(small, masks, params), masks, params)  # (n, 4)
     return _to_full(keep_small, factor, field.shape[:2])
 
 
@@ -101,15 +103,17 @@ def _downscale(field: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
     return small, max(h / small.shape[0], w / small.shape[1])
 
 
-def _candidates(small: np.ndarray, params: CropParams) -> np.ndarray:
+def _candidates(small: np.ndarray, masks: _Masks, params: CropParams) -> np.ndarray:
     """Unique raw proposals ``(c, 4)`` (x0, y0, x1, y1) on the downscaled field, sorted."""
-    return _unique(_raw_proposals(_proposal_image(small, params), params))
+    return _unique(_raw_proposals(_proposal_image(small, masks, params), params))
 
 
-def _proposal_image(small: np.ndarray, params: CropParams) -> np.ndarray:
+def _proposal_image(small: np.ndarray, masks: _Masks, params: CropParams) -> np.ndarray:
     """The image selective search sees: brightness-normalised, gamma-stretched (dim cytoplasm vs background)
     and smoothed (microtubule texture would otherwise split cells into fragments)."""
     img = small.astype(np.float32)
+    if params.mask_background:
+        img *= masks.foreground[:, :, None]
     top = float(np.percentile(img.max(axis=2), 99.5))
     img = np.clip(img / max(top, 1.0), 0.0, 1.0) ** params.gamma
     sigma = params.smooth * min(small.shape[:2])
@@ -160,14 +164,13 @@ def _unique(candidates: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def _select(small: np.ndarray, cand: np.ndarray, params: CropParams) -> tuple[np.ndarray, np.ndarray]:
+def _select(cand: np.ndarray, masks: _Masks, params: CropParams) -> tuple[np.ndarray, np.ndarray]:
     """Filter, score and NMS candidates on the downscaled field; returns kept boxes and their scores."""
-    h, w = small.shape[:2]
+    h, w = masks.foreground.shape
     cand = _clip(cand, w, h)  # (c, 4)
     cand = cand[_shape_ok(cand, min(h, w), params)]
     if len(cand) == 0 or params.max_patches_per_field == 0:
         return np.zeros((0, 4), dtype=np.int64), np.zeros(0)
-    masks = _masks(small)
     nuc_frac = _box_sum(masks.nucleus_integral, cand) / _box_area(cand)  # (c,)
     cand = cand[nuc_frac >= params.min_nucleus_fraction]
     scores = _scores(cand, masks, ring=max(2, round(params.ring * min(h, w))))  # (c,)
@@ -193,6 +196,7 @@ def _shape_ok(b: np.ndarray, short_side: int, params: CropParams) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Masks:
+    foreground: np.ndarray  # (h, w) bool
     foreground_integral: np.ndarray  # (h + 1, w + 1) float64
     nucleus_integral: np.ndarray  # (h + 1, w + 1) float64
     nucleus_centroids: np.ndarray  # (k, 2) x, y
@@ -210,6 +214,7 @@ def _masks(small: np.ndarray) -> _Masks:
     min_blob = max(4.0, (0.01 * min(small.shape[:2])) ** 2)
     big = stats[1:, cv2.CC_STAT_AREA] >= min_blob
     return _Masks(
+        foreground=fg,
         foreground_integral=cv2.integral(fg.astype(np.uint8), sdepth=cv2.CV_64F),
         nucleus_integral=cv2.integral(nucleus.astype(np.uint8), sdepth=cv2.CV_64F),
         nucleus_centroids=centroids[1:][big] if n > 1 else np.zeros((0, 2)),

@@ -75,6 +75,15 @@ def test_batched_forward_equals_bag_by_bag_reference(init):
         start += n
 
 
+def test_one_dimensional_hamil_on_feature_vectors():
+    agg = _tree_model("hamil", dims=1, kernel_size=3, init="default").double().eval()
+    feats, sizes = _features([4, 1, 6], shape=(16,))  # (11, 16) instance vectors
+    out = agg(feats, sizes).bags  # (3, 16)
+    assert out.shape == (3, 16)
+    part = feats[5:11]
+    torch.testing.assert_close(out[2:3], reference_tree_aggregate(part, agg.unit, agg.bag_tree(part)))
+
+
 def test_unit_calls_equal_tallest_tree():
     agg = _tree_model("hamil").double().eval()
     feats, sizes = _features([5, 12, 9])

@@ -103,7 +103,8 @@ class Hamil(TreeAggregator):
     ``hidden`` (width of inner layers for depth > 1), ``tree_features`` ("flatten": Euclidean distances
     between flattened feature maps, the paper's wording; or "pooled": between pooled vectors), ``init``
     ("average": the unit starts as the mean of its two inputs, so training starts from HAMIL-A; "default":
-    PyTorch's random init, which learns much more slowly from a random backbone, see docs/design-notes.md).
+    PyTorch's random init, which learns much more slowly from a random backbone, see docs/design-notes.md),
+    ``dims`` (2: feature maps ``(N, C, h, w)``; 1: feature vectors ``(N, D)`` with the 1-D unit).
     """
 
     def __init__(
@@ -115,11 +116,12 @@ class Hamil(TreeAggregator):
         hidden: int = 2,
         tree_features: str = "flatten",
         init: str = "average",
+        dims: int = 2,
         unit: nn.Module | None = None,
     ) -> None:
         if tree_features not in TREE_FEATURES:
             raise ValueError(f"tree_features must be one of {TREE_FEATURES}, got {tree_features!r}")
-        super().__init__(channels, unit or AggregationUnit(depth, kernel_size, batch_norm, hidden, init=init))
+        super().__init__(channels, unit or AggregationUnit(depth, kernel_size, batch_norm, hidden, dims, init))
         self.tree_features = tree_features
 
     def bag_tree(self, features: torch.Tensor) -> np.ndarray:
@@ -172,8 +174,9 @@ class Ramil(TreeAggregator):
         hidden: int = 2,
         seed: int = 0,
         init: str = "average",
+        dims: int = 2,
     ) -> None:
-        super().__init__(channels, AggregationUnit(depth, kernel_size, batch_norm, hidden, init=init))
+        super().__init__(channels, AggregationUnit(depth, kernel_size, batch_norm, hidden, dims, init))
         self.seed = seed
         self._train_rng = np.random.default_rng(seed)
         self._eval_rng = np.random.default_rng(seed)
