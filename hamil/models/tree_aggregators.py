@@ -121,7 +121,8 @@ class Hamil(TreeAggregator):
     ) -> None:
         if tree_features not in TREE_FEATURES:
             raise ValueError(f"tree_features must be one of {TREE_FEATURES}, got {tree_features!r}")
-        super().__init__(channels, unit or AggregationUnit(depth, kernel_size, batch_norm, hidden, dims, init))
+        unit = unit or AggregationUnit(depth, kernel_size, batch_norm, hidden, dims, init)
+        super().__init__(channels, unit)
         self.tree_features = tree_features
 
     def bag_tree(self, features: torch.Tensor) -> np.ndarray:
