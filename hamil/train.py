@@ -58,7 +58,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         options.setdefault("seed", cfg.seed)
     model = build_model(cfg.model, len(store.class_names), cfg.pretrained, cfg.dropout, **options).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     pin = device.type == "cuda"
     train_loader = make_loader(
         BagDataset(store, train_bags, cfg.max_instances, cfg.augment),
@@ -77,7 +76,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stale = 0
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_loss = _train_epoch(model, train_loader, optimizer, loss_fn, device, epoch)
+        train_loss = _train_epoch(model, train_loader, optimizer, device, epoch)
         _, y, p, val_loss = predict_batches(model, val_loader, device)
         metrics = compute_metrics(y, p, store.class_names)
         row = {
@@ -119,7 +118,6 @@ def _train_epoch(
     model: MILModel,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
-    loss_fn: torch.nn.Module,
     device: torch.device,
     epoch: int,
 ) -> float:
@@ -127,8 +125,7 @@ def _train_epoch(
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=5.0)
     for images, sizes, labels, _ in bar:
-        logits = model(images.to(device, non_blocking=True), sizes.to(device))  # (B, K)
-        loss = loss_fn(logits.float(), labels.to(device))
+        loss = model.loss(images.to(device, non_blocking=True), sizes.to(device), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -112,6 +112,6 @@ def test_checkpoint_errors_are_one_line(tmp_path, store, capsys):
 def test_unknown_model_and_option_are_named(tmp_path, store, capsys):
     base = ["train", "--store", str(store), "--out-dir", str(tmp_path / "r"), "--epochs", "1"]
     assert main([*base, "--model", "nope"]) == 2
-    assert "valid names: hamil, hamil_a, mean, ramil" in capsys.readouterr().err
+    assert "valid names: attention, deepmiml, gated_attention, hamil" in capsys.readouterr().err
     assert main([*base, "--model", "mean", "--model-options", '{"depth": 2}']) == 2
     assert "has no option(s) depth" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hamil.models import pooling, tree_aggregators  # noqa: F401  (register the aggregators)
+from hamil.models import attention, pooling, tree_aggregators  # noqa: F401  (register the aggregators)
+from torch import nn
+
 from hamil.models.backbone import Backbone
 from hamil.models.model import Explanation, Head, MILModel
 from hamil.models.registry import Aggregator, AggregatorOutput, available, create, register
@@ -28,5 +30,6 @@ def build_model(
     ``options`` go to the aggregator (e.g. ``depth``, ``kernel_size``, ``tree_features`` for HAMIL).
     """
     backbone = Backbone(pretrained)
-    aggregator = create(name, backbone.out_channels, **options)
-    return MILModel(backbone, aggregator, Head(aggregator.out_channels, num_classes, dropout))
+    aggregator = create(name, backbone.out_channels, num_classes=num_classes, **options)
+    head = nn.Identity() if getattr(aggregator, "provides_logits", False) else None
+    return MILModel(backbone, aggregator, head or Head(aggregator.out_channels, num_classes, dropout))

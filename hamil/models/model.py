@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hamil.models.backbone import Backbone
-from hamil.models.pooling import bag_index
+from hamil.models.pooling import bag_index, segment_sum
 from hamil.models.registry import Aggregator
 
 
@@ -40,15 +40,33 @@ class Explanation(NamedTuple):
 class MILModel(nn.Module):
     """A bag classifier: ``forward(images (N, 3, H, W), bag_sizes (B,)) -> logits (B, K)``."""
 
-    def __init__(self, backbone: Backbone, aggregator: Aggregator, head: Head) -> None:
+    def __init__(self, backbone: Backbone, aggregator: Aggregator, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.aggregator = aggregator
         self.head = head
+        self.instance_level = bool(getattr(aggregator, "instance_level", False))
 
     def forward(self, images: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)  # (N, C, h, w)
+        if self.instance_level:
+            return self._mean_probability_logits(self.head(features), bag_sizes)  # (B, K)
         return self.head(self.aggregator(features, bag_sizes).bags)  # (B, K)
+
+    def loss(self, images: torch.Tensor, bag_sizes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss (mean BCE): per bag, or per instance with its bag's labels for instance-level models."""
+        if self.instance_level:
+            logits = self.head(self.backbone(images))  # (N, K)
+            target = labels[bag_index(bag_sizes.to(labels.device))]  # (N, K)
+        else:
+            logits, target = self(images, bag_sizes), labels  # (B, K)
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+    @staticmethod
+    def _mean_probability_logits(instance_logits: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
+        sizes = bag_sizes.to(instance_logits.device, torch.float32).view(-1, 1)
+        probs = segment_sum(torch.sigmoid(instance_logits.float()), bag_sizes) / sizes  # (B, K)
+        return torch.logit(probs, eps=1e-7)
 
     def explain(self, images: torch.Tensor, bag_sizes: torch.Tensor) -> Explanation:
         """Logits plus pooled instance and bag features and per-instance scores.
@@ -58,9 +76,14 @@ class MILModel(nn.Module):
         """
         features = self.backbone(images)  # (N, C, h, w)
         out = self.aggregator(features, bag_sizes)
-        logits = self.head(out.bags)
         inst, bags = pool(features), pool(out.bags)  # (N, C), (B, C)
         scores = out.scores
+        if self.instance_level:
+            instance_logits = self.head(features)  # (N, K)
+            logits = self._mean_probability_logits(instance_logits, bag_sizes)
+            scores = torch.sigmoid(instance_logits).amax(dim=1)  # (N,)
+        else:
+            logits = self.head(out.bags)
         if scores is None:
             scores = F.cosine_similarity(inst, bags[bag_index(bag_sizes.to(inst.device))], dim=1)  # (N,)
         return Explanation(logits, bags, inst, scores)

@@ -12,6 +12,14 @@ def bag_index(bag_sizes: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(bag_sizes), device=bag_sizes.device), bag_sizes)
 
 
+def segment_softmax(scores: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``scores (N,)`` within each bag (instances contiguous)."""
+    index = bag_index(bag_sizes.to(scores.device))
+    top = scores.new_full((len(bag_sizes),), -torch.inf).scatter_reduce(0, index, scores, reduce="amax")
+    exp = torch.exp(scores - top[index])
+    return exp / segment_sum(exp, bag_sizes)[index]
+
+
 def segment_sum(features: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
     """Sum of each bag's instance features: ``(N, ...)`` -> ``(B, ...)``."""
     out = features.new_zeros((len(bag_sizes), *features.shape[1:]))
@@ -20,7 +28,8 @@ def segment_sum(features: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor
 
 @register("mean")
 class MeanPool(Aggregator):
-    """MI baseline: the element-wise mean of a bag's instance feature maps."""
+    """MI baseline (mean pooling, e.g. Wang et al., Pattern Recognit. 2018, "Revisiting multiple instance
+    neural networks"): the element-wise mean of a bag's instance maps, ``z = (1/n) sum_i f_i``."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -29,3 +38,32 @@ class MeanPool(Aggregator):
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
         sizes = bag_sizes.to(features.device, features.dtype).view(-1, *[1] * (features.dim() - 1))
         return AggregatorOutput(segment_sum(features, bag_sizes) / sizes, None)  # (B, C, h, w)
+
+
+@register("max")
+class MaxPool(Aggregator):
+    """MVCNN baseline (Su et al., ICCV 2015, "view pooling"): element-wise max over a bag's instance maps,
+    ``z[c, y, x] = max_i f_i[c, y, x]``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.out_channels = channels
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        index = bag_index(bag_sizes.to(features.device)).view(-1, *[1] * (features.dim() - 1))
+        out = features.new_zeros((len(bag_sizes), *features.shape[1:]))
+        out = out.scatter_reduce(0, index.expand_as(features), features, reduce="amax", include_self=False)
+        return AggregatorOutput(out, None)  # (B, C, h, w)
+
+
+@register("sum")
+class SumPool(Aggregator):
+    """SPoC baseline (Babenko & Lempitsky, ICCV 2015, sum pooling of convolutional features): the
+    element-wise sum of a bag's instance maps, ``z = sum_i f_i``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.out_channels = channels
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        return AggregatorOutput(segment_sum(features, bag_sizes), None)  # (B, C, h, w)

@@ -46,15 +46,23 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, channels: int, **options: object) -> Aggregator:
-    """Instantiate the aggregator ``name`` for ``channels`` input channels."""
+def create(name: str, channels: int, num_classes: int | None = None, **options: object) -> Aggregator:
+    """Instantiate the aggregator ``name`` for ``channels`` input channels.
+
+    ``num_classes`` is passed on only to aggregators that take it (those that output logits themselves).
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available())}")
     cls = _REGISTRY[name]
-    accepted = set(inspect.signature(cls).parameters) - {"channels", "unit"}
-    unknown = sorted(set(options) - accepted)
+    params = inspect.signature(cls).parameters
+    if "num_classes" in params:
+        if num_classes is None:
+            raise ValueError(f"model {name!r} needs num_classes")
+        options = {**options, "num_classes": num_classes}
+    accepted = set(params) - {"channels", "unit"}
+    unknown = sorted(set(options) - accepted - {"num_classes"})
     if unknown:
-        takes = ", ".join(sorted(accepted)) or "none"
+        takes = ", ".join(sorted(accepted - {"num_classes"})) or "none"
         raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: {takes}")
     return cls(channels, **options)
 

@@ -1,0 +1,123 @@
+"""Learned-weight baselines: attention and gated attention (Ilse et al.), NAN, DeepMIML, single instance."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hamil.models.pooling import MeanPool, bag_index, segment_softmax, segment_sum
+from hamil.models.registry import Aggregator, AggregatorOutput, register
+
+
+def _pooled(features: torch.Tensor) -> torch.Tensor:
+    return features.flatten(2).mean(-1) if features.dim() > 2 else features  # (N, C)
+
+
+def _weighted_sum(values: torch.Tensor, weights: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
+    shape = (-1, *[1] * (values.dim() - 1))
+    return segment_sum(values * weights.view(shape), bag_sizes)  # (B, ...)
+
+
+@register("attention")
+class AttentionPool(Aggregator):
+    """Attention MIL pooling (Ilse, Tomczak & Welling, ICML 2018, Eq. 8) on embedded instance vectors.
+
+    ``h_k = ReLU(W_e pool(f_k))``; ``a_k = softmax_k(w^T tanh(V h_k))`` within the bag; ``z = sum_k a_k h_k``.
+    Scores are the weights ``a_k`` (they sum to 1 in each bag).
+    """
+
+    gated = False
+
+    def __init__(
+        self, channels: int, embed_dim: int = 256, attention_dim: int = 128, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.out_channels = embed_dim
+        self.embed = nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.V = nn.Linear(embed_dim, attention_dim)
+        self.U = nn.Linear(embed_dim, attention_dim) if self.gated else None
+        self.w = nn.Linear(attention_dim, 1)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.V(h))  # (N, L)
+        if self.U is not None:
+            a = a * torch.sigmoid(self.U(h))
+        return self.w(a).squeeze(1)  # (N,)
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        h = self.embed(_pooled(features))  # (N, M)
+        weights = segment_softmax(self.logits(h), bag_sizes)  # (N,)
+        return AggregatorOutput(_weighted_sum(h, weights, bag_sizes), weights)  # (B, M)
+
+
+@register("gated_attention")
+class GatedAttentionPool(AttentionPool):
+    """Gated attention MIL pooling (Ilse et al., ICML 2018, Eq. 9):
+    ``a_k = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))``; otherwise as ``attention``."""
+
+    gated = True
+
+
+@register("nan")
+class NeuralAggregation(Aggregator):
+    """Neural Aggregation Network (Yang et al., CVPR 2017, Eqs. 1-3): two cascaded attention blocks.
+
+    Block 1: ``e_k = q0 . f_k`` with a learned query ``q0``, ``a_k = softmax_k(e_k)``, ``r0 = sum a_k f_k``.
+    Block 2: ``q1 = tanh(W r0 + b)``, ``e_k = q1 . f_k``, ``a_k = softmax_k(e_k)``, ``r1 = sum a_k f_k``.
+    As in the HAMIL paper, it aggregates feature maps: the scores use the pooled maps, the weights apply to
+    the whole maps, so the output is a map ``(B, C, h, w)``. Scores are the block-2 weights.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.out_channels = channels
+        self.q0 = nn.Parameter(torch.zeros(channels))
+        self.transfer = nn.Linear(channels, channels)
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        f = _pooled(features)  # (N, C)
+        a0 = segment_softmax(f @ self.q0, bag_sizes)  # (N,)
+        r0 = _weighted_sum(f, a0, bag_sizes)  # (B, C)
+        q1 = torch.tanh(self.transfer(r0))  # (B, C)
+        index = bag_index(bag_sizes.to(f.device))
+        a1 = segment_softmax((f * q1[index]).sum(1), bag_sizes)  # (N,)
+        return AggregatorOutput(_weighted_sum(features, a1, bag_sizes), a1)  # (B, C, h, w)
+
+
+@register("deepmiml")
+class DeepMIML(Aggregator):
+    """DeepMIML's sub-concept layer (Feng & Zhou, AAAI 2017).
+
+    Each instance vector ``h_i = ReLU(W_e pool(f_i))`` is scored against ``M`` sub-concepts of every label,
+    ``s_i[k, m] = w_km . h_i + b_km`` (a 1x1 convolution), max-pooled over sub-concepts (instance-label
+    scores) and then over the bag's instances (bag-label scores). The bag scores are the logits (no linear
+    head; the sigmoid and BCE follow, as for every model here; no ReLU on ``s`` so logits can be negative).
+    Scores per instance: its largest instance-label score.
+    """
+
+    provides_logits = True
+
+    def __init__(self, channels: int, num_classes: int, sub_concepts: int = 4, embed_dim: int = 256) -> None:
+        super().__init__()
+        self.out_channels = num_classes
+        self.num_classes, self.sub_concepts = num_classes, sub_concepts
+        self.embed = nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU(inplace=True))
+        self.sub_concept = nn.Linear(embed_dim, num_classes * sub_concepts)
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        h = self.embed(_pooled(features))  # (N, E)
+        s = self.sub_concept(h).view(-1, self.num_classes, self.sub_concepts)  # (N, K, M)
+        instance_label = s.amax(dim=2)  # (N, K)
+        index = bag_index(bag_sizes.to(h.device)).view(-1, 1).expand_as(instance_label)
+        bags = instance_label.new_zeros((len(bag_sizes), self.num_classes))
+        bags = bags.scatter_reduce(0, index, instance_label, reduce="amax", include_self=False)  # (B, K)
+        return AggregatorOutput(bags, instance_label.amax(dim=1))
+
+
+@register("si")
+class SingleInstance(MeanPool):
+    """Single-instance baseline: every instance is trained alone with its bag's labels; a bag's probability
+    is the mean of its instances' probabilities (``MILModel`` does both, as ``instance_level`` asks). As an
+    aggregator it is mean pooling, which gives the bag features for figures."""
+
+    instance_level = True
