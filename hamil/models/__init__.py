@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hamil.models import attention, pooling, tree_aggregators  # noqa: F401  (register the aggregators)
 from torch import nn
 
+from hamil.models import attention, pooling, tree_aggregators  # noqa: F401  (register the aggregators)
 from hamil.models.backbone import Backbone
 from hamil.models.model import Explanation, Head, MILModel
 from hamil.models.registry import Aggregator, AggregatorOutput, available, create, register

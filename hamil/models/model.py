@@ -54,7 +54,7 @@ class MILModel(nn.Module):
         return self.head(self.aggregator(features, bag_sizes).bags)  # (B, K)
 
     def loss(self, images: torch.Tensor, bag_sizes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training loss (mean BCE): per bag, or per instance with its bag's labels for instance-level models."""
+        """Mean BCE: per bag, or per instance (with its bag's labels) for instance-level models."""
         if self.instance_level:
             logits = self.head(self.backbone(images))  # (N, K)
             target = labels[bag_index(bag_sizes.to(labels.device))]  # (N, K)
