@@ -95,6 +95,6 @@ def test_end_to_end_tiny(tmp_path):
     proc = snakemake(tmp_path, "-n", "-R", "train_model", "--configfile", str(REPO / "config/tiny.yaml"))
     assert "train_model" in proc.stdout and "evaluate_model" in proc.stdout
     proc = snakemake(
-        tmp_path, "-n", "-R", "bags_dataset", "--configfile", str(REPO / "config/tiny.yaml"), "bags"
+        tmp_path, "bags", "-n", "-R", "bags_dataset", "--configfile", str(REPO / "config/tiny.yaml")
     )
     assert "bags_dataset" in proc.stdout and "train_model" not in proc.stdout
