@@ -1,6 +1,6 @@
 """Axis-aligned box arithmetic: IoU, non-maximum suppression and recall, vectorised with numpy.
 
-Boxes are ``(x0, y0, x1, y1)`` rows with ``x1``/``y1`` exclusive, so a box's area is ``(x1 - x0) * (y1 - y0)``.
+Boxes are ``(x0, y0, x1, y1)`` rows with ``x1``/``y1`` exclusive: a box's area is ``(x1 - x0) * (y1 - y0)``.
 """
 
 from __future__ import annotations
