@@ -21,6 +21,7 @@ class TrainConfig:
     batch_bags: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" (the paper), "cosine" (to 0 at the last epoch) or "plateau"
     max_instances: int | None = None
     augment: bool = True
     monitor: str = "macro_auc"

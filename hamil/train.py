@@ -58,6 +58,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         options.setdefault("seed", cfg.seed)
     model = build_model(cfg.model, len(store.class_names), cfg.pretrained, cfg.dropout, **options).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(cfg, optimizer)
     pin = device.type == "cuda"
     train_loader = make_loader(
         BagDataset(store, train_bags, cfg.max_instances, cfg.augment),
@@ -90,12 +91,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         history.append(row)
         score = _monitor_score(cfg.monitor, row)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(score)
+        elif scheduler is not None:
+            scheduler.step()
         payload = {
             "config": cfg.to_dict(),
             "class_names": store.class_names,
             "store_attrs": {"patch_size": store.patch_size, "source": store.attrs.get("source")},
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "epoch": epoch,
             "val_metrics": {k: v for k, v in row.items() if k.startswith("val_")},
         }
@@ -112,6 +118,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log.info("early stop: no improvement of %s for %d epochs", cfg.monitor, cfg.patience)
             break
     return best
+
+
+SCHEDULES = ("constant", "cosine", "plateau")
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """The learning-rate schedule of ``cfg.schedule``, stepped once per epoch (``None`` for constant)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "plateau":  # on the monitored validation score, which is maximised
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=3)
+    return None
 
 
 def _train_epoch(

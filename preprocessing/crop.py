@@ -39,7 +39,6 @@ import dask
 import numpy as np
 import pandas as pd
 import zarr
-import zarr.codecs
 
 from preprocessing import boxes as bx
 from preprocessing.errors import InputError
@@ -52,6 +51,7 @@ from preprocessing.io import (
     write_json,
     write_tsv,
 )
+from preprocessing.store import create_patch_array
 
 BACKENDS = ("opencv", "selectivesearch")
 OPENCV_MODES = ("fast", "single", "quality")
@@ -479,16 +479,9 @@ def crop_shard(
 
 def _create_store(path: Path, params: CropParams) -> Any:
     """A new Zarr v3 group at ``path`` with an empty ``patches`` array to append to."""
-    p = params.patch_size
     group = zarr.open_group(path, mode="w", zarr_format=3)
-    group.attrs.update({"patch_size": p, "params": asdict(params)})
-    return group.create_array(
-        "patches",
-        shape=(0, 3, p, p),
-        dtype="uint8",
-        chunks=(1, 3, p, p),
-        compressors=zarr.codecs.ZstdCodec(level=3),
-    )
+    group.attrs.update({"patch_size": params.patch_size, "params": asdict(params)})
+    return create_patch_array(group, 0, 3, params.patch_size)
 
 
 def _patch_records(row: dict[str, str], windows: np.ndarray, first: int) -> list[dict[str, Any]]:

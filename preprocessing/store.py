@@ -36,7 +36,7 @@ def _compressor() -> zarr.codecs.ZstdCodec:
 
 
 def create_patch_array(group: zarr.Group, n: int, channels: int, patch_size: int) -> zarr.Array:
-    """Create the ``patches`` array: uint8 ``(n, C, P, P)``, one zstd chunk per patch."""
+    """The ``patches`` array: uint8 ``(n, C, P, P)``, one zstd chunk per patch (n = 0: append later)."""
     return group.create_array(
         "patches",
         shape=(n, channels, patch_size, patch_size),

@@ -115,3 +115,21 @@ def test_unknown_model_and_option_are_named(tmp_path, store, capsys):
     assert "valid names: attention, deepmiml, gated_attention, hamil" in capsys.readouterr().err
     assert main([*base, "--model", "mean", "--model-options", '{"depth": 2}']) == 2
     assert "has no option(s) depth" in capsys.readouterr().err
+
+
+def test_schedules(tmp_path):
+    from hamil.config import TrainConfig
+    from hamil.train import make_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    for schedule, kind in (("constant", type(None)), ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR)):
+        opt = torch.optim.Adam([param], lr=1.0)
+        sched = make_scheduler(TrainConfig("s", "o", epochs=4, schedule=schedule), opt)
+        assert isinstance(sched, kind)
+        for _ in range(4):
+            opt.step()
+            if sched is not None:
+                sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(1.0 if schedule == "constant" else 0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        make_scheduler(TrainConfig("s", "o", schedule="linear"), torch.optim.Adam([param]))

@@ -98,3 +98,23 @@ def test_end_to_end_tiny(tmp_path):
         tmp_path, "bags", "-n", "-R", "bags_dataset", "--configfile", str(REPO / "config/tiny.yaml")
     )
     assert "bags_dataset" in proc.stdout and "train_model" not in proc.stdout
+
+
+def test_schema_sections_match_the_parameter_dataclasses():
+    """Every stage option in the schema is a field of the stage's dataclass, and the other way round."""
+    import dataclasses
+
+    from hamil.config import TrainConfig
+    from hamil.models import available
+    from preprocessing.bags import BagParams
+    from preprocessing.crop import CropParams
+    from preprocessing.sources.synthetic import SynthParams
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    defs = schema["$defs"]
+    for name, cls in (("synthetic", SynthParams), ("crop", CropParams), ("bags", BagParams)):
+        assert set(defs[name]["properties"]) == {f.name for f in dataclasses.fields(cls)}, name
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"store", "out_dir", "model", "seed",
+                                                                        "model_options", "threads"}
+    assert set(schema["properties"]["train"]["properties"]) == train_keys
+    assert schema["properties"]["models"]["items"]["enum"] == available()

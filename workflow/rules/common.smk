@@ -2,11 +2,15 @@
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
 SEEDS = [int(s) for s in config["seeds"]]
+# Training jobs ask for one GPU each where there is one (the default profile runs one GPU job at a time);
+# on a CPU-only machine they ask for none, so several can share the cores.
+TRAIN_GPUS = int(config.get("train_gpus", 1 if shutil.which("nvidia-smi") else 0))
 
 
 wildcard_constraints:

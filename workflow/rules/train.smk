@@ -23,7 +23,7 @@ rule train_model:
         ),
     threads: config.get("train_threads", 2)
     resources:
-        gpu=1,
+        gpu=TRAIN_GPUS,
     conda:
         "../envs/hamil.yaml"
     log:
