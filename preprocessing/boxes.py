@@ -85,3 +85,11 @@ def recall(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) -> fl
     """
     hits = matched(pred, true, iou_threshold)
     return float(hits.mean()) if len(hits) else float("nan")
+
+
+def clip(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Boxes ``(n, 4)`` clipped to a ``width`` x ``height`` image (a copy)."""
+    out = np.array(boxes, copy=True)
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height)
+    return out

@@ -223,3 +223,13 @@ def test_does_not_import_torch() -> None:
     code = "import sys, preprocessing.sources.synthetic; assert 'torch' not in sys.modules"
     root = Path(synthetic.__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_label_skew_zero_balances_the_classes() -> None:
+    specs = synthetic._plan(SynthParams(proteins=600, seed=3, label_skew=0.0))
+    counts = {name: 0 for name in LOCATIONS}
+    for labels in {s.protein.group: s.protein.labels for s in specs}.values():
+        for name in labels:
+            counts[name] += 1
+    # uniform draws (up to the few incompatible pairs): no class is more than 1.6x another
+    assert max(counts.values()) < 1.6 * min(counts.values())

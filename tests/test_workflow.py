@@ -114,7 +114,13 @@ def test_schema_sections_match_the_parameter_dataclasses():
     defs = schema["$defs"]
     for name, cls in (("synthetic", SynthParams), ("crop", CropParams), ("bags", BagParams)):
         assert set(defs[name]["properties"]) == {f.name for f in dataclasses.fields(cls)}, name
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"store", "out_dir", "model", "seed",
-                                                                        "model_options", "threads"}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {
+        "store",
+        "out_dir",
+        "model",
+        "seed",
+        "model_options",
+        "threads",
+    }
     assert set(schema["properties"]["train"]["properties"]) == train_keys
     assert schema["properties"]["models"]["items"]["enum"] == available()

@@ -66,6 +66,7 @@ class SynthParams:
     field_size: int = 512  # square field side in pixels
     cell_size: int = 110  # typical cell diameter in pixels (varies +-20 %)
     poor_fraction: float = 0.2  # fraction of fields of poor quality
+    label_skew: float = 1.0  # class imbalance: 1 = HPA-like (Nucleoplasm ~5x Golgi), 0 = uniform
     seed: int = 0
 
     def validate(self) -> None:
@@ -82,6 +83,8 @@ class SynthParams:
             raise ValueError(f"field_size ({self.field_size}) must be >= 2 * cell_size ({self.cell_size})")
         if not 0.0 <= self.poor_fraction <= 1.0:
             raise ValueError(f"poor_fraction must be in [0, 1], got {self.poor_fraction}")
+        if self.label_skew < 0:
+            raise ValueError(f"label_skew must be >= 0, got {self.label_skew}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -187,7 +190,7 @@ def _plan(params: SynthParams) -> list[_FieldSpec]:
     counts: list[int] = []
     for p in range(params.proteins):
         rng = np.random.default_rng([params.seed, 1, p])
-        proteins.append(_draw_protein(p, rng))
+        proteins.append(_draw_protein(p, rng, params.label_skew))
         counts.append(int(rng.integers(params.fields_min, params.fields_max + 1)))
 
     n_fields = sum(counts)
@@ -207,11 +210,11 @@ def _plan(params: SynthParams) -> list[_FieldSpec]:
     return specs
 
 
-def _draw_protein(index: int, rng: np.random.Generator) -> _Protein:
-    """Draw 1-3 compatible labels with HPA-like class imbalance, and the protein's brightness."""
+def _draw_protein(index: int, rng: np.random.Generator, skew: float = 1.0) -> _Protein:
+    """Draw 1-3 compatible labels with HPA-like class imbalance (``skew``: 1 HPA-like, 0 uniform)."""
     n_labels = int(rng.choice(3, p=_LABEL_COUNT_P)) + 1
     chosen: list[str] = []
-    p = _LOCATION_WEIGHTS / _LOCATION_WEIGHTS.sum()
+    p = _LOCATION_WEIGHTS**skew / (_LOCATION_WEIGHTS**skew).sum()
     while len(chosen) < n_labels:
         name = LOCATIONS[int(rng.choice(len(LOCATIONS), p=p))]
         if name in chosen or any(frozenset({name, c}) in _INCOMPATIBLE for c in chosen):
