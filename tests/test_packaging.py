@@ -1,0 +1,89 @@
+"""Packaging and CLI: environment.yml agrees with pyproject.toml, every stage exists, errors are one line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchvision.models import resnet18
+
+from hamil.cli import build_parser, main
+from hamil.models.backbone import Backbone
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("synth", "download", "crop", "bags", "train", "evaluate", "figures", "compare", "predict")
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~ \[]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_agrees_with_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = {_name(r) for r in project["dependencies"]}
+    env = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]
+    conda = {_name(d) for d in env if isinstance(d, str)}
+    pip = {
+        _name(d) for block in env if isinstance(block, dict) for d in block["pip"] if not d.startswith("-e")
+    }
+    assert required <= (conda | pip) - {"python", "pip"}, required - conda - pip
+    assert any(str(d).startswith("python=3.11") for d in env)
+    assert yaml.safe_load((REPO / "workflow/envs/hamil.yaml").read_text())["dependencies"][:-1] == env[:-1]
+
+
+def test_every_stage_is_a_subcommand():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(STAGES) <= set(sub.choices)
+
+
+def test_console_script_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hamil.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert all(stage in proc.stdout for stage in STAGES)
+
+
+def test_preprocessing_never_imports_torch():
+    modules = "preprocessing.bags, preprocessing.crop, preprocessing.store, preprocessing.sources.synthetic"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
+
+
+@pytest.mark.parametrize("stage", ["download", "predict"])
+def test_unbuilt_stages_say_so(stage, capsys):
+    args = [stage, "hpa"] if stage == "download" else [stage]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not built yet" in err and err.count("\n") == 1
+
+
+def test_crop_with_a_bad_images_table_is_one_line(tmp_path, capsys):
+    table = tmp_path / "images.tsv"
+    table.write_text("image_id\tpath\nA\ta.png\n")
+    out = ["--out-zarr", str(tmp_path / "0.zarr"), "--out-tsv", str(tmp_path / "0.tsv")]
+    assert main(["crop", "--images", str(table), *out]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hamil crop: error: {table}: missing columns: group, labels\n"
+    assert not (tmp_path / "0.zarr").exists() and not (tmp_path / "0.tsv").exists()
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    torch.manual_seed(3)
+    reference = resnet18()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    backbone = Backbone(str(tmp_path / "resnet18.pth"))
+    torch.testing.assert_close(backbone.trunk[0].weight, reference.conv1.weight)
+    torch.testing.assert_close(backbone.trunk[7][1].conv2.weight, reference.layer4[1].conv2.weight)
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a ResNet18 state_dict"):
+        Backbone(str(tmp_path / "other.pth"))
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        Backbone(str(tmp_path / "missing.pth"))
