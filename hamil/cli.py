@@ -110,8 +110,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from hamil.evaluate import evaluate
 
+    tune = None if args.tune_split == "none" else args.tune_split
     metrics = evaluate(
-        args.checkpoint, args.store, args.out_dir, args.split, args.device, args.batch_bags, args.threshold
+        args.checkpoint,
+        args.store,
+        args.out_dir,
+        args.split,
+        args.device,
+        args.batch_bags,
+        args.threshold,
+        tune,
     )
     log.info(
         "%s: macro AUC %s, macro F1 %.4f, micro F1 %.4f",
@@ -132,7 +140,7 @@ def cmd_figures(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from hamil.compare import compare
 
-    print(compare(args.metrics, args.out_tsv, args.out_md, title=args.title))
+    print(compare(args.metrics, args.out_tsv, args.out_md, title=args.title, reference=args.reference))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -194,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5, help="fixed threshold (the paper's 0.5)")
+    p.add_argument(
+        "--tune-split",
+        default="val",
+        choices=["train", "val", "none"],
+        help="also report per-class thresholds tuned for F1 on this split (default val)",
+    )
     p.add_argument("--batch-bags", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
@@ -209,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-tsv", required=True)
     p.add_argument("--out-md", required=True)
     p.add_argument("--title", default="")
+    p.add_argument(
+        "--reference", help="TSV of reference results (model, macro_auc, macro_f1, micro_f1, source)"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="predict labels for your own bags of images")

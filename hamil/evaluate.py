@@ -12,7 +12,7 @@ import torch
 
 from hamil.checkpoint import load_checkpoint
 from hamil.data import BagDataset, make_loader
-from hamil.metrics import compute_metrics
+from hamil.metrics import compute_metrics, tune_thresholds
 from hamil.models import MILModel, build_model
 from hamil.predict import predict_batches
 from hamil.seeding import select_device
@@ -40,8 +40,13 @@ def evaluate(
     device: str = "auto",
     batch_bags: int = 8,
     threshold: float = 0.5,
+    tune_split: str | None = "val",
 ) -> dict[str, Any]:
-    """Write ``metrics.json``, ``predictions.tsv`` and ``per_class.tsv`` for ``split`` into ``out_dir``."""
+    """Write ``metrics.json``, ``predictions.tsv`` and ``per_class.tsv`` for ``split`` into ``out_dir``.
+
+    Metrics use the fixed ``threshold`` (the paper's 0.5). With ``tune_split`` (default "val"), per-class
+    thresholds maximising F1 on that split are also applied and reported beside them (``tuned``).
+    """
     store = BagStore(store_path)
     ckpt = load_checkpoint(checkpoint, num_classes=len(store.class_names))
     if ckpt["class_names"] != store.class_names:
@@ -53,10 +58,25 @@ def evaluate(
     bags = store.bags_in(split)
     if len(bags) == 0:
         raise InputError(f"{store_path}: no bags in the {split} split")
-    loader = make_loader(BagDataset(store, bags), batch_bags, False, 0)
-    index, y, probs, loss = predict_batches(model, loader, dev)
+    index, y, probs, loss = predict_batches(
+        model, make_loader(BagDataset(store, bags), batch_bags, False, 0), dev
+    )
     metrics = compute_metrics(y, probs, store.class_names, threshold)
     per_class = pd.DataFrame(metrics.pop("per_class"))
+    tuned = None
+    if tune_split is not None and len(store.bags_in(tune_split)):
+        tune_loader = make_loader(BagDataset(store, store.bags_in(tune_split)), batch_bags, False, 0)
+        _, y_tune, p_tune, _ = predict_batches(model, tune_loader, dev)
+        tuned = tune_thresholds(y_tune, p_tune, threshold)
+        at_tuned = compute_metrics(y, probs, store.class_names, tuned)
+        per_class["threshold_tuned"] = np.round(tuned, 6)
+        per_class["f1_tuned"] = [row["f1"] for row in at_tuned["per_class"]]
+        metrics["tuned"] = {
+            "on": tune_split,
+            "macro_f1": at_tuned["macro_f1"],
+            "micro_f1": at_tuned["micro_f1"],
+            "thresholds": dict(zip(store.class_names, tuned.round(6).tolist(), strict=True)),
+        }
     metrics.update(
         {
             "model": ckpt["config"].model,
@@ -68,21 +88,26 @@ def evaluate(
         }
     )
     out = Path(out_dir)
-    write_tsv(_predictions_table(store, index, y, probs, threshold), out / "predictions.tsv")
+    write_tsv(_predictions_table(store, index, y, probs, threshold, tuned), out / "predictions.tsv")
     write_tsv(per_class, out / "per_class.tsv")
     write_json(metrics, out / "metrics.json")
     return metrics
 
 
 def _predictions_table(
-    store: BagStore, index: np.ndarray, y: np.ndarray, probs: np.ndarray, threshold: float
+    store: BagStore,
+    index: np.ndarray,
+    y: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    tuned: np.ndarray | None,
 ) -> pd.DataFrame:
-    names = store.class_names
+    names = np.asarray(store.class_names)
     table = pd.DataFrame({"bag_id": store.bag_id[index], "group": store.group[index]})
-    table["true_labels"] = [";".join(n for n, on in zip(names, row, strict=True) if on) for row in y]
-    table["predicted_labels"] = [
-        ";".join(n for n, p in zip(names, row, strict=True) if p >= threshold) for row in probs
-    ]
+    table["true_labels"] = [";".join(names[row.astype(bool)]) for row in y]
+    table["predicted_labels"] = [";".join(names[row >= threshold]) for row in probs]
+    if tuned is not None:
+        table["predicted_labels_tuned"] = [";".join(names[row >= tuned]) for row in probs]
     for k, name in enumerate(names):
         table[f"p_{name}"] = np.round(probs[:, k], 6)
     return table

@@ -53,3 +53,25 @@ def compute_metrics(
         "bags": len(y_true),
         "per_class": per_class,
     }
+
+
+def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """Per-class thresholds that maximise each class's F1 on ``(y_true, probs)`` (a validation split).
+
+    A bag is predicted positive when ``prob >= threshold``. Candidates are the observed probabilities; among
+    equal F1 the candidate closest to ``default`` wins. Classes without positives keep ``default``.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    out = np.full(y_true.shape[1], float(default))
+    for k in range(y_true.shape[1]):
+        positives = int(y_true[:, k].sum())
+        if positives == 0:
+            continue
+        order = np.argsort(-probs[:, k], kind="stable")
+        p, tp = probs[order, k], np.cumsum(y_true[order, k])
+        last = np.flatnonzero(np.append(p[1:] != p[:-1], True))  # last index of each run of equal scores
+        f1 = 2 * tp[last] / (last + 1 + positives)  # 2TP / (2TP + FP + FN), predicted = last + 1
+        best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
+        out[k] = p[last[best[np.argmin(np.abs(p[last[best]] - default))]]]
+    return out

@@ -59,6 +59,7 @@ def test_train_evaluate_figures(tmp_path, store, model):
     )
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"macro_auc", "macro_f1", "micro_f1"} <= set(metrics) and metrics["model"] == model
+    assert metrics["tuned"]["on"] == "val" and len(metrics["tuned"]["thresholds"]) == 3
     preds = pd.read_csv(run / "predictions.tsv", sep="\t")
     assert len(preds) == metrics["bags"] and preds.filter(like="p_").shape[1] == 3
     assert main(["figures", "--run-dir", str(run)]) == 0

@@ -28,13 +28,14 @@ rule evaluate_model:
         out_dir=subpath(output.metrics, parent=True),
         split=config.get("evaluate", {}).get("split", "test"),
         threshold=config.get("evaluate", {}).get("threshold", 0.5),
+        tune_split=config.get("evaluate", {}).get("tune_split", "val"),
     conda:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/evaluate_{model}_seed{seed}.log",
     shell:
         "hamil evaluate --checkpoint {input.checkpoint} --store {input.store} --out-dir {params.out_dir}"
-        " --split {params.split} --threshold {params.threshold} > {log} 2>&1"
+        " --split {params.split} --threshold {params.threshold} --tune-split {params.tune_split} > {log} 2>&1"
 
 
 rule figures_run:
@@ -61,10 +62,13 @@ rule compare_dataset:
         md="results/{ds}/comparison.md",
     params:
         title="{ds}: test split",
+        reference=lambda w: (
+            f"--reference {ds_config(w.ds)['reference']}" if ds_config(w.ds).get("reference") else ""
+        ),
     conda:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/compare.log",
     shell:
         "hamil compare --metrics {input.metrics} --out-tsv {output.tsv} --out-md {output.md}"
-        " --title '{params.title}' > {log} 2>&1"
+        " --title '{params.title}' {params.reference} > {log} 2>&1"

@@ -1,0 +1,87 @@
+"""Comparison tables over models and seeds, and validation-tuned thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hamil.compare import compare
+from hamil.metrics import tune_thresholds
+from preprocessing.errors import InputError
+
+
+def write_metrics(folder, model, seed, auc, mf1, mif1, tuned=None):
+    path = folder / f"{model}_{seed}.json"
+    data = {"model": model, "seed": seed, "macro_auc": auc, "macro_f1": mf1, "micro_f1": mif1}
+    if tuned is not None:
+        data["tuned"] = {"macro_f1": tuned[0], "micro_f1": tuned[1]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_mean_and_sd_over_seeds(tmp_path):
+    paths = [
+        write_metrics(tmp_path, "hamil", 0, 0.90, 0.60, 0.70, (0.65, 0.72)),
+        write_metrics(tmp_path, "hamil", 1, 0.80, 0.50, 0.60, (0.55, 0.62)),
+        write_metrics(tmp_path, "mean", 0, 0.85, 0.55, 0.65, (0.60, 0.70)),
+    ]
+    ref = tmp_path / "paper.tsv"
+    ref.write_text("model\tmacro_auc\tmacro_f1\tmicro_f1\tsource\nHAMIL\t0.9\t0.6\t0.7\tsome paper\n")
+    md = compare(paths, tmp_path / "c.tsv", tmp_path / "c.md", title="t", reference=ref)
+    table = pd.read_csv(tmp_path / "c.tsv", sep="\t")
+    assert list(table["model"]) == ["hamil", "mean"] and list(table["seeds"]) == [2, 1]
+    assert table.loc[0, "macro_auc_mean"] == pytest.approx(0.85)
+    assert table.loc[0, "macro_auc_sd"] == pytest.approx(np.std([0.9, 0.8], ddof=1), abs=1e-4)
+    assert table.loc[1, "macro_f1_sd"] == 0
+    assert (
+        "| hamil | 2 | 0.850 ± 0.071 | 0.550 ± 0.071 | 0.650 ± 0.071 | 0.600 ± 0.071 | 0.670 ± 0.071 |" in md
+    )
+    assert "macro F1 (tuned)" in md and "Reference results (some paper)" in md and "| HAMIL | 0.9 |" in md
+    assert (tmp_path / "c.md").read_text() == md
+
+
+def test_without_tuned_thresholds_the_columns_are_left_out(tmp_path):
+    md = compare([write_metrics(tmp_path, "max", 0, 0.7, 0.4, 0.5)], tmp_path / "c.tsv", tmp_path / "c.md")
+    assert "tuned" not in md and "| max | 1 | 0.700 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 |" in md
+
+
+def test_bad_metrics_file_is_named(tmp_path):
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({"model": "x", "seed": 0}))
+    with pytest.raises(InputError, match=r"m.json: missing keys: macro_auc, macro_f1, micro_f1"):
+        compare([bad], tmp_path / "c.tsv", tmp_path / "c.md")
+
+
+def brute_force_threshold(y, p, default=0.5):
+    best, best_t = -1.0, default
+    for t in sorted(set(p.tolist()), key=lambda t: abs(t - default)):
+        pred = p >= t
+        tp = int((pred & (y == 1)).sum())
+        f1 = 2 * tp / (pred.sum() + y.sum())
+        if f1 > best + 1e-12:
+            best, best_t = f1, t
+    return best_t, best
+
+
+@given(st.integers(0, 10_000), st.integers(2, 40))
+@settings(max_examples=150, deadline=None)
+def test_tuned_thresholds_maximise_f1(seed, n):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 3)) < 0.4).astype(int)
+    p = rng.integers(0, 6, (n, 3)) / 5  # many ties
+    y[:, 2] = 0  # a class without positives keeps the default
+    tuned = tune_thresholds(y, p)
+    assert tuned[2] == 0.5
+    for k in range(2):
+        if y[:, k].sum() == 0:
+            continue
+        t_ref, f1_ref = brute_force_threshold(y[:, k], p[:, k])
+        pred = p[:, k] >= tuned[k]
+        f1 = 2 * (pred & (y[:, k] == 1)).sum() / (pred.sum() + y[:, k].sum())
+        assert f1 == pytest.approx(f1_ref)
+        assert abs(tuned[k] - 0.5) == pytest.approx(abs(t_ref - 0.5))
