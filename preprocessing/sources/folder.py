@@ -1,0 +1,169 @@
+"""The ``folder`` source: a user's own images listed in a TSV, turned into the pipeline's ``images.tsv``.
+
+The input TSV has the columns ``path``, ``group`` and ``labels`` (``;``-separated, may be empty: a negative
+bag for binary or screening tasks), optionally ``image_id``, and any extra columns, which are carried over.
+Paths are relative to ``image_root`` (default: the TSV's folder) or absolute.
+
+Every image is checked (extension, existence, full decode with :func:`preprocessing.io.read_image`) before
+anything is written. Problems are listed in ``<out_dir>/rejected.tsv`` (columns ``path, reason``); unless
+``max_bad_fraction`` allows skipping them, one :class:`InputError` reports them all.
+
+The output ``<out_dir>/images.tsv`` has ``image_id, group, path, labels`` then the extra columns, with
+**absolute** paths (images are not copied, so the table stays valid wherever ``out_dir`` lies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from preprocessing.errors import InputError
+from preprocessing.io import IMAGES_COLUMNS, read_image, read_table, split_labels, write_tsv
+
+__all__ = ["EXTENSIONS", "REJECTED_COLUMNS", "REQUIRED_COLUMNS", "check_image", "prepare_folder"]
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+REQUIRED_COLUMNS: tuple[str, ...] = ("path", "group", "labels")
+REJECTED_COLUMNS: tuple[str, ...] = ("path", "reason")
+
+
+def prepare_folder(
+    table: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    max_bad_fraction: float = 0.0,
+    workers: int = 1,
+) -> pd.DataFrame:
+    """Check every image listed in ``table`` and write ``<out_dir>/images.tsv``; return that table.
+
+    ``image_id`` comes from the table when it has that column (empty cells are filled), else from the
+    file stem; clashing stems get ``_2``, ``_3``, ... suffixes in table order, so ids do not depend on
+    which rows are later rejected. Labels are normalised (whitespace stripped, empty parts dropped).
+
+    ``rejected.tsv`` is always written (header only when every image is fine). When the fraction of
+    unusable images exceeds ``max_bad_fraction`` (default 0: none allowed), or no image is usable,
+    :class:`InputError` is raised with one line and ``images.tsv`` is not written. ``workers`` threads
+    decode images in parallel.
+    """
+    table = Path(table)
+    out_dir = Path(out_dir)
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise InputError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    rows = read_table(table, REQUIRED_COLUMNS)
+    if rows.empty:
+        raise InputError(f"{table}: no images listed (the table has a header but no rows)")
+    root = Path(image_root) if image_root is not None else table.parent
+    root = root.resolve()
+
+    ids = _image_ids(rows, table)
+    resolved = [_resolve(p, root) for p in rows["path"]]
+    reasons = _check_all(rows, resolved, workers)
+
+    bad = [i for i, r in enumerate(reasons) if r is not None]
+    rejected = pd.DataFrame(
+        [(rows["path"].iloc[i], reasons[i]) for i in bad], columns=list(REJECTED_COLUMNS), dtype=str
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tsv(rejected, out_dir / "rejected.tsv")
+    n, k = len(rows), len(bad)
+    if k and (k == n or k / n > max_bad_fraction):
+        first = rejected.iloc[0]
+        raise InputError(
+            f"{table}: {k} of {n} images unusable, first: {first['path']}: {first['reason']}; "
+            f"full list in {out_dir}/rejected.tsv"
+        )
+    if k:
+        log.warning("%s: skipped %d of %d unusable images, listed in %s/rejected.tsv", table, k, n, out_dir)
+
+    extra = [c for c in rows.columns if c not in IMAGES_COLUMNS]
+    out = pd.DataFrame(
+        {
+            "image_id": ids,
+            "group": rows["group"].str.strip(),
+            "path": resolved,
+            "labels": [";".join(split_labels(s)) for s in rows["labels"]],
+        }
+    )
+    for col in extra:
+        out[col] = rows[col].to_numpy()
+    keep = [r is None for r in reasons]
+    out = out[keep].reset_index(drop=True)
+    write_tsv(out, out_dir / "images.tsv")
+    return out
+
+
+def check_image(path: str | os.PathLike[str]) -> str | None:
+    """Why the image at ``path`` cannot be used (extension, missing, undecodable), or ``None`` if fine."""
+    path = Path(path)
+    if path.suffix.lower() not in EXTENSIONS:
+        allowed = " ".join(sorted(EXTENSIONS))
+        return f"unsupported extension {path.suffix or '(none)'!r} (accepted: {allowed})"
+    if not path.is_file():
+        return f"file not found ({path})" if not path.exists() else f"not a file ({path})"
+    try:
+        read_image(path)
+    except InputError as err:
+        msg = str(err)
+        prefix = f"{path}: "
+        return msg[len(prefix) :] if msg.startswith(prefix) else msg
+    return None
+
+
+def _check_all(rows: pd.DataFrame, resolved: list[str], workers: int) -> list[str | None]:
+    """One reason (or ``None``) per row: empty cells first, then the image itself."""
+
+    def one(i: int) -> str | None:
+        if not rows["path"].iloc[i].strip():
+            return "empty path"
+        if not rows["group"].iloc[i].strip():
+            return "empty group"
+        return check_image(resolved[i])
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one, range(len(rows))))
+    return [one(i) for i in range(len(rows))]
+
+
+def _resolve(cell: str, root: Path) -> str:
+    p = Path(cell.strip()).expanduser()
+    return str(p if p.is_absolute() else root / p)
+
+
+def _image_ids(rows: pd.DataFrame, table: Path) -> list[str]:
+    """Ids from the ``image_id`` column (empty cells filled from the stem) or from file stems, all unique.
+
+    Explicit ids must be unique (:class:`InputError` otherwise). A derived id is the file stem for the
+    first row with that stem; later rows get ``<stem>_2``, ``<stem>_3``, ... skipping any explicit id or
+    stem of another row, so the result depends only on the table.
+    """
+    given = [s.strip() for s in rows["image_id"]] if "image_id" in rows.columns else [""] * len(rows)
+    explicit = [g for g in given if g]
+    seen: set[str] = set()
+    for g in explicit:
+        if g in seen:
+            raise InputError(f"{table}: duplicate image_id {g!r}")
+        seen.add(g)
+    stems = [Path(cell.strip()).stem or "image" for cell in rows["path"]]
+    taken = set(explicit) | {s for g, s in zip(given, stems, strict=True) if not g}
+    first_use = set(explicit)  # a stem is used as is by its first row, unless an explicit id holds it
+    ids = []
+    for g, stem in zip(given, stems, strict=True):
+        if g:
+            ids.append(g)
+        elif stem not in first_use:
+            first_use.add(stem)
+            ids.append(stem)
+        else:
+            k = 2
+            while f"{stem}_{k}" in taken:
+                k += 1
+            taken.add(f"{stem}_{k}")
+            ids.append(f"{stem}_{k}")
+    return ids

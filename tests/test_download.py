@@ -1,0 +1,516 @@
+"""The downloader against a scripted local HTTP server (127.0.0.1, real sockets, no internet)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import socket
+import threading
+import time
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from email.message import Message
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing.download import (
+    Downloader,
+    DownloadError,
+    DownloadPolicy,
+    FetchItem,
+    _parse_retry_after,
+    safe_extract_zip,
+    sniff,
+)
+from preprocessing.errors import InputError
+
+BODY = bytes(range(256)) * 400  # 102,400 bytes: several read chunks
+HTML = b"<!DOCTYPE html><html><head><title>Error</title></head><body>Try later</body></html>"
+FAST = DownloadPolicy(retries=2, backoff=0.001, max_backoff=5.0, timeout=5.0)
+
+Route = Callable[["Handler", int], None]
+
+
+class Script:
+    """What the server does per path, and what it saw (headers and start time of every request)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.headers: dict[str, list[Message]] = defaultdict(list)
+        self.starts: dict[str, list[float]] = defaultdict(list)
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+
+    def count(self, path: str) -> int:
+        return len(self.headers[path])
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        script = self.server.script
+        with script.lock:
+            n = script.count(self.path)
+            script.headers[self.path].append(self.headers)  # case-insensitive lookups
+            script.starts[self.path].append(time.monotonic())
+            script.active += 1
+            script.max_active = max(script.max_active, script.active)
+        try:
+            script.routes.get(self.path, lambda h, n: h.send_error(404))(self, n)
+        finally:
+            with script.lock:
+                script.active -= 1
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    script: Script
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that time out leave broken pipes behind: not interesting here
+
+
+def send(
+    h: Handler,
+    body: bytes,
+    status: int = 200,
+    ctype: str = "application/octet-stream",
+    headers: dict[str, str] | None = None,
+    length: int | None = None,
+) -> None:
+    """Answer with ``body``; ``length`` announces a different Content-Length (a dropped connection)."""
+    h.send_response(status)
+    h.send_header("Content-Type", ctype)
+    h.send_header("Content-Length", str(len(body) if length is None else length))
+    for key, value in (headers or {}).items():
+        h.send_header(key, value)
+    h.end_headers()
+    h.wfile.write(body)
+    h.wfile.flush()
+
+
+def serve_ranges(h: Handler, body: bytes) -> None:
+    """A well-behaved server: honours ``Range: bytes=n-`` with 206."""
+    rng = h.headers.get("Range")
+    if rng:
+        start = int(rng.removeprefix("bytes=").rstrip("-"))
+        content_range = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        send(h, body[start:], 206, headers={"Content-Range": content_range})
+    else:
+        send(h, body)
+
+
+def drop_half(h: Handler, body: bytes) -> None:
+    """Announce the whole body, write half, close the connection."""
+    send(h, body[: len(body) // 2], length=len(body))
+    h.close_connection = True
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    httpd = _Server(("127.0.0.1", 0), Handler)
+    httpd.script = Script()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def make_downloader(tmp_path: Path | None = None, sleeps: list[float] | None = None, **policy) -> Downloader:
+    base = FAST.__dict__ | policy
+    manifest = tmp_path / "manifest.tsv" if tmp_path is not None else None
+    sleep = sleeps.append if sleeps is not None else (lambda s: None)
+    return Downloader(DownloadPolicy(**base), manifest=manifest, progress=False, sleep=sleep)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_bytes(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), 120, np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- downloads
+
+
+def test_plain_download_writes_manifest_row(server, tmp_path):
+    url, script = server
+    script.routes["/a.bin"] = lambda h, n: send(h, BODY)
+    dest = tmp_path / "out" / "a.bin"
+    got = make_downloader(tmp_path).fetch(f"{url}/a.bin", dest, size=len(BODY), sha256=sha(BODY))
+    assert got == dest and dest.read_bytes() == BODY
+    assert not (tmp_path / "out" / "a.bin.part").exists()
+    lines = (tmp_path / "manifest.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["url", "path", "size", "sha256", "time"]
+    row = lines[1].split("\t")
+    assert row[:4] == [f"{url}/a.bin", str(dest), str(len(BODY)), sha(BODY)]
+    assert datetime.strptime(row[4], "%Y-%m-%dT%H:%M:%SZ")
+    assert script.headers["/a.bin"][0]["User-Agent"].startswith("hamil-downloader/")
+
+
+def test_skip_when_complete(server, tmp_path):
+    url, script = server
+    script.routes["/a.bin"] = lambda h, n: send(h, BODY)
+    dest = tmp_path / "a.bin"
+    make_downloader(tmp_path).fetch(f"{url}/a.bin", dest, sha256=sha(BODY))
+    make_downloader(tmp_path).fetch(f"{url}/a.bin", dest, sha256=sha(BODY))  # known hash
+    make_downloader(tmp_path).fetch(f"{url}/a.bin", dest)  # the manifest's record
+    make_downloader().fetch(f"{url}/a.bin", dest, size=len(BODY))  # no manifest: the known size
+    make_downloader().fetch(f"{url}/a.bin", dest)  # nothing known: dest only ever appears complete
+    assert script.count("/a.bin") == 1
+
+
+def test_manifest_record_disagrees_redownloads(server, tmp_path):
+    url, script = server
+    script.routes["/a.bin"] = lambda h, n: send(h, BODY)
+    dest = tmp_path / "a.bin"
+    make_downloader(tmp_path).fetch(f"{url}/a.bin", dest)
+    dest.write_bytes(b"tampered")
+    make_downloader(tmp_path).fetch(f"{url}/a.bin", dest)
+    assert script.count("/a.bin") == 2 and dest.read_bytes() == BODY
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    url, script = server
+    script.routes["/big"] = lambda h, n: drop_half(h, BODY) if n == 0 else serve_ranges(h, BODY)
+    sleeps: list[float] = []
+    dest = tmp_path / "big"
+    make_downloader(tmp_path, sleeps).fetch(f"{url}/big", dest, sha256=sha(BODY))
+    assert dest.read_bytes() == BODY
+    assert script.count("/big") == 2 and len(sleeps) == 1
+    assert "Range" not in script.headers["/big"][0]
+    assert script.headers["/big"][1]["Range"] == f"bytes={len(BODY) // 2}-"
+
+
+def test_resume_answered_206_is_appended(server, tmp_path):
+    """A part file left by an earlier run is resumed, and only the rest is transferred."""
+    url, script = server
+    served: list[int] = []
+
+    def route(h: Handler, n: int) -> None:
+        serve_ranges(h, BODY)
+        served.append(int(h.headers["Range"].removeprefix("bytes=").rstrip("-")))
+
+    script.routes["/big"] = route
+    dest = tmp_path / "big"
+    (tmp_path / "big.part").write_bytes(BODY[:1000])
+    make_downloader().fetch(f"{url}/big", dest, size=len(BODY))
+    assert served == [1000] and dest.read_bytes() == BODY
+
+
+def test_bad_content_range_or_416_restarts_from_zero(server, tmp_path):
+    url, script = server
+    wrong = {"Content-Range": f"bytes 0-{len(BODY) - 1}/{len(BODY)}"}
+    script.routes["/cr"] = lambda h, n: send(h, BODY, 206, headers=wrong) if n == 0 else serve_ranges(h, BODY)
+    script.routes["/416"] = lambda h, n: h.send_error(416) if n == 0 else serve_ranges(h, BODY)
+    for name in ("cr", "416"):
+        (tmp_path / f"{name}.part").write_bytes(BODY[:5000])
+        make_downloader().fetch(f"{url}/{name}", tmp_path / name)
+        assert (tmp_path / name).read_bytes() == BODY
+        assert [m.get("Range") for m in script.headers[f"/{name}"]] == ["bytes=5000-", None]
+
+
+def test_progress_bars_do_not_break_anything(server, tmp_path, capsys):
+    url, script = server
+    script.routes["/a"] = lambda h, n: send(h, BODY)
+    dl = Downloader(FAST, progress=True)
+    results = dl.fetch_many([FetchItem(f"{url}/a", tmp_path / "a")])
+    assert results[0].error is None and (tmp_path / "a").read_bytes() == BODY
+    assert "download" in capsys.readouterr().err
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    url, script = server
+    script.routes["/big"] = lambda h, n: drop_half(h, BODY) if n == 0 else send(h, BODY)
+    dest = tmp_path / "big"
+    make_downloader().fetch(f"{url}/big", dest)
+    assert script.headers["/big"][1]["Range"] == f"bytes={len(BODY) // 2}-"
+    assert dest.read_bytes() == BODY and not (tmp_path / "big.part").exists()
+
+
+def test_500_then_200_is_retried(server, tmp_path):
+    url, script = server
+    script.routes["/f"] = lambda h, n: h.send_error(500) if n == 0 else send(h, BODY)
+    sleeps: list[float] = []
+    make_downloader(sleeps=sleeps).fetch(f"{url}/f", tmp_path / "f")
+    assert (tmp_path / "f").read_bytes() == BODY and script.count("/f") == 2
+    assert len(sleeps) == 1 and 0.0 <= sleeps[0] <= FAST.backoff
+
+
+def test_429_honours_retry_after(server, tmp_path):
+    url, script = server
+    script.routes["/zero"] = lambda h, n: (
+        send(h, b"slow down", 429, headers={"Retry-After": "0"}) if n == 0 else send(h, BODY)
+    )
+    script.routes["/long"] = lambda h, n: (
+        send(h, b"slow down", 429, headers={"Retry-After": "120"}) if n == 0 else send(h, BODY)
+    )
+    sleeps: list[float] = []
+    dl = make_downloader(sleeps=sleeps, max_backoff=3.0)
+    dl.fetch(f"{url}/zero", tmp_path / "zero")
+    dl.fetch(f"{url}/long", tmp_path / "long")
+    assert sleeps == [0.0, 3.0]  # Retry-After as given, capped by max_backoff
+    assert (tmp_path / "zero").read_bytes() == BODY == (tmp_path / "long").read_bytes()
+
+
+def test_parse_retry_after():
+    assert _parse_retry_after("5") == 5.0
+    assert _parse_retry_after(None) is None and _parse_retry_after("soon") is None
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    assert 25 <= _parse_retry_after(format_datetime(later, usegmt=True)) <= 31
+    assert _parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_404_fails_at_once_naming_the_url(server, tmp_path):
+    url, script = server
+    sleeps: list[float] = []
+    with pytest.raises(DownloadError, match=rf"^{url}/missing: HTTP 404 Not Found$") as info:
+        make_downloader(sleeps=sleeps).fetch(f"{url}/missing", tmp_path / "m")
+    assert isinstance(info.value, InputError)
+    assert script.count("/missing") == 1 and sleeps == []
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.part").exists()
+
+
+def test_html_where_jpeg_expected_is_rejected(server, tmp_path):
+    url, script = server
+    script.routes["/img.jpg"] = lambda h, n: send(h, HTML, ctype="text/html")
+    with pytest.raises(DownloadError, match=rf"^{url}/img.jpg: expected jpeg, got html$"):
+        make_downloader().fetch(f"{url}/img.jpg", tmp_path / "img.jpg", expect="jpeg")
+    assert not (tmp_path / "img.jpg").exists() and not (tmp_path / "img.jpg.part").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_expected_kinds_accept_the_right_bodies(server, tmp_path):
+    url, script = server
+    png, jpeg = image_bytes("PNG"), image_bytes("JPEG")
+    script.routes["/p.png"] = lambda h, n: send(h, png)
+    script.routes["/j.jpg"] = lambda h, n: send(h, jpeg)
+    dl = make_downloader()
+    assert dl.fetch(f"{url}/p.png", tmp_path / "p.png", expect="image").read_bytes() == png
+    assert dl.fetch(f"{url}/j.jpg", tmp_path / "j.jpg", expect="jpeg").read_bytes() == jpeg
+    with pytest.raises(DownloadError, match="expected png, got jpeg"):
+        dl.fetch(f"{url}/j.jpg", tmp_path / "j.png", expect="png")
+
+
+@pytest.mark.parametrize(
+    "check, message",
+    [
+        ({"size": len(BODY) + 10}, "size mismatch"),
+        ({"size": len(BODY) - 10}, "size mismatch"),
+        ({"sha256": "0" * 64}, "sha256 mismatch"),
+        ({"md5_b64": base64.b64encode(b"\0" * 16).decode()}, "Content-MD5 mismatch"),
+    ],
+)
+def test_mismatch_fails_after_retries_and_stores_nothing(server, tmp_path, check, message):
+    url, script = server
+    script.routes["/f"] = lambda h, n: serve_ranges(h, BODY)
+    with pytest.raises(DownloadError, match=rf"^{url}/f: {message}.*gave up after 3 attempts"):
+        make_downloader(tmp_path).fetch(f"{url}/f", tmp_path / "f", **check)
+    assert script.count("/f") == 3  # 1 + retries
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.part").exists()
+    assert not (tmp_path / "manifest.tsv").exists()
+
+
+def test_correct_md5_b64_is_accepted(server, tmp_path):
+    url, script = server
+    script.routes["/blob"] = lambda h, n: send(h, BODY)
+    md5 = base64.b64encode(hashlib.md5(BODY).digest()).decode()
+    make_downloader().fetch(f"{url}/blob", tmp_path / "blob", md5_b64=md5)
+    assert (tmp_path / "blob").read_bytes() == BODY
+
+
+def test_timeout_is_retried(server, tmp_path):
+    url, script = server
+
+    def route(h: Handler, n: int) -> None:
+        if n == 0:
+            time.sleep(0.6)
+        send(h, BODY)
+
+    script.routes["/slow"] = route
+    make_downloader(timeout=0.2).fetch(f"{url}/slow", tmp_path / "slow")
+    assert (tmp_path / "slow").read_bytes() == BODY and script.count("/slow") == 2
+
+
+def test_connection_refused_gives_up(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sleeps: list[float] = []
+    with pytest.raises(DownloadError, match=rf"127.0.0.1:{port}/x: .*gave up after 3 attempts"):
+        make_downloader(sleeps=sleeps).fetch(f"http://127.0.0.1:{port}/x", tmp_path / "x")
+    assert len(sleeps) == 2 and not (tmp_path / "x").exists()
+
+
+def test_backoff_is_exponential_with_full_jitter(server, tmp_path):
+    url, script = server
+    script.routes["/f"] = lambda h, n: h.send_error(503)
+    sleeps: list[float] = []
+    with pytest.raises(DownloadError, match="HTTP 503"):
+        make_downloader(sleeps=sleeps, retries=4, backoff=1.0, max_backoff=5.0).fetch(
+            f"{url}/f", tmp_path / "f"
+        )
+    assert len(sleeps) == 4
+    assert all(0.0 <= s <= cap for s, cap in zip(sleeps, [1.0, 2.0, 4.0, 5.0], strict=True))
+
+
+def test_per_host_concurrency_limit(server, tmp_path):
+    url, script = server
+
+    def route(h: Handler, n: int) -> None:
+        time.sleep(0.1)
+        send(h, BODY[:100])
+
+    items = []
+    for k in range(6):
+        script.routes[f"/c{k}"] = route
+        items.append(FetchItem(f"{url}/c{k}", tmp_path / f"c{k}"))
+    results = make_downloader(concurrency=2).fetch_many(items, workers=6)
+    assert all(r.error is None and r.path == r.item.dest for r in results)
+    assert script.max_active == 2
+
+
+def test_min_interval_between_request_starts(server, tmp_path):
+    url, script = server
+    interval = 0.2
+    items = []
+    for k in range(4):
+        script.routes[f"/i{k}"] = lambda h, n: send(h, b"x")
+        items.append(FetchItem(f"{url}/i{k}", tmp_path / f"i{k}"))
+    results = make_downloader(min_interval=interval, concurrency=4).fetch_many(items, workers=4)
+    assert all(r.error is None for r in results)
+    starts = sorted(t for k in range(4) for t in script.starts[f"/i{k}"])
+    assert all(b - a >= interval - 0.05 for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_fetch_many_reports_errors_per_item(server, tmp_path):
+    url, script = server
+    script.routes["/ok"] = lambda h, n: send(h, BODY)
+    script.routes["/page"] = lambda h, n: send(h, HTML, ctype="text/html")
+    items = [
+        FetchItem(f"{url}/ok", tmp_path / "ok"),
+        FetchItem(f"{url}/gone", tmp_path / "gone"),
+        FetchItem(f"{url}/page", tmp_path / "page.jpg", expect="jpeg"),
+        FetchItem("ftp://example.org/x", tmp_path / "x"),
+    ]
+    results = make_downloader().fetch_many(items)
+    assert [r.item for r in results] == items
+    assert results[0].path == tmp_path / "ok" and results[0].error is None
+    assert results[1].path is None and results[1].error == f"{url}/gone: HTTP 404 Not Found"
+    assert results[2].error == f"{url}/page: expected jpeg, got html"
+    assert results[3].error == "ftp://example.org/x: not an http(s) URL"
+
+
+def test_same_dest_twice_downloads_once(server, tmp_path):
+    url, script = server
+    script.routes["/a"] = lambda h, n: send(h, BODY)
+    items = [FetchItem(f"{url}/a", tmp_path / "a")] * 3
+    results = make_downloader(tmp_path).fetch_many(items, workers=3)
+    assert all(r.error is None for r in results) and script.count("/a") == 1
+
+
+def test_get_bytes(server):
+    url, script = server
+    listing = b'<?xml version="1.0" encoding="utf-8"?><EnumerationResults/>'
+    script.routes["/list"] = lambda h, n: h.send_error(503) if n == 0 else send(h, listing)
+    script.routes["/private"] = lambda h, n: h.send_error(403)
+    dl = make_downloader()
+    assert dl.get_bytes(f"{url}/list", headers={"x-ms-version": "2021-08-06"}) == listing
+    assert script.headers["/list"][1]["x-ms-version"] == "2021-08-06"
+    with pytest.raises(DownloadError, match=rf"^{url}/private: HTTP 403 Forbidden$"):
+        dl.get_bytes(f"{url}/private")
+    assert script.count("/private") == 1
+
+
+# ---------------------------------------------------------------------------------------------- sniffing
+
+
+def test_sniff_real_magic_bytes():
+    assert sniff(image_bytes("JPEG")) == "jpeg"
+    assert sniff(image_bytes("PNG")) == "png"
+    assert sniff(image_bytes("TIFF")) == "tiff"
+    assert sniff(gzip.compress(b"hello")) == "gzip"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.txt", "a")
+    assert sniff(buf.getvalue()) == "zip"
+    assert sniff(HTML) == "html"
+    assert sniff(b"\n  <html lang='en'><body>x</body></html>") == "html"
+    assert sniff(b'\xef\xbb\xbf<?xml version="1.0"?><EnumerationResults/>') == "xml"
+    assert sniff(b"hello world") == "unknown" and sniff(b"") == "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- archives
+
+
+def make_zip(path: Path, entries: dict[str | zipfile.ZipInfo, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_safe_extract_zip_extracts_a_normal_archive(tmp_path):
+    archive = make_zip(tmp_path / "ok.zip", {"a.txt": b"a", "sub/b.txt": b"b", "sub/": b""})
+    target = tmp_path / "target"
+    files = safe_extract_zip(archive, target)
+    assert sorted(files) == [target / "a.txt", target / "sub" / "b.txt"]
+    assert (target / "sub" / "b.txt").read_bytes() == b"b"
+    # into an existing folder, keeping what is there
+    again = safe_extract_zip(make_zip(tmp_path / "two.zip", {"c.txt": b"c"}), target)
+    assert again == [target / "c.txt"] and (target / "a.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def symlink_entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16) | 0
+    return info
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "drive", "symlink"])
+def test_safe_extract_zip_refuses_escaping_entries(tmp_path, kind):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name = {
+        "dotdot": "../evil",
+        "absolute": str(outside / "evil"),
+        "drive": "C:/evil",
+        "symlink": "link",
+    }[kind]
+    entry: str | zipfile.ZipInfo = symlink_entry(name) if kind == "symlink" else name
+    archive = make_zip(tmp_path / "bad.zip", {"fine.txt": b"ok", entry: b"/etc/passwd"})
+    if kind == "absolute":
+        assert name in zipfile.ZipFile(archive).namelist()  # the entry really is absolute
+    target = tmp_path / "inner" / "target"
+    with pytest.raises(DownloadError, match=rf"bad.zip: unsafe zip entry '{name}'"):
+        safe_extract_zip(archive, target)
+    assert not target.exists() and list(outside.iterdir()) == []
+    assert not (tmp_path / "inner").exists() and not (tmp_path / "evil").exists()  # checked before writing
+
+
+def test_safe_extract_zip_bad_archive(tmp_path):
+    (tmp_path / "x.zip").write_bytes(HTML)
+    with pytest.raises(DownloadError, match="x.zip: not a valid zip archive"):
+        safe_extract_zip(tmp_path / "x.zip", tmp_path / "t")
