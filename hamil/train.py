@@ -98,7 +98,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         payload = {
             "config": cfg.to_dict(),
             "class_names": store.class_names,
-            "store_attrs": {"patch_size": store.patch_size, "source": store.attrs.get("source")},
+            "store_attrs": {"patch_shape": list(store.patch_shape), "source": store.attrs.get("source")},
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},

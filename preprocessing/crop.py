@@ -112,6 +112,11 @@ def _process_field(row: dict[str, str], params: CropParams) -> _FieldResult:
         field = read_image(row["path"])
     except InputError as err:
         return _FieldResult(row["image_id"], empty, empty, np.zeros((0, 3, 1, 1), np.uint8), str(err))
+    if params.instances == "whole":
+        height, width = params.instance_shape
+        box = np.array([[0, 0, field.shape[1], field.shape[0]]], dtype=np.int64)
+        patch = cv2.resize(field, (width, height), interpolation=cv2.INTER_AREA)  # (H, W, 3)
+        return _FieldResult(row["image_id"], box, box, patch.transpose(2, 0, 1)[None])
     boxes = propose_boxes(field, params)  # (n, 4)
     _, clipped = patch_windows(boxes, field.shape[:2], params.square)
     patches = cut_patches(field, boxes, params.patch_size, params.square)
@@ -153,7 +158,8 @@ def crop_shard(
     Writes (each atomically):
 
     * ``out_zarr``: Zarr v3 group, array ``patches`` uint8 ``(N, 3, P, P)`` chunked per patch (zstd),
-      attributes ``patch_size`` and ``params``;
+      attributes ``patch_shape`` and ``params``; with ``params.instances == "whole"`` every image is one
+      instance resized to ``params.instance_shape`` (no proposals);
     * ``out_tsv``: one row per patch, in ``patches`` order: ``patch_index, image_id, group, labels, x0, y0,
       x1, y1`` (the patch window in field pixels, clipped) and the extra columns of ``images.tsv``;
     * ``<stem>.rejected.tsv`` beside ``out_tsv``: unreadable images (``image_id, path, reason``), always;
@@ -209,8 +215,8 @@ def crop_shard(
 def _create_store(path: Path, params: CropParams) -> Any:
     """A new Zarr v3 group at ``path`` with an empty ``patches`` array to append to."""
     group = zarr.open_group(path, mode="w", zarr_format=3)
-    group.attrs.update({"patch_size": params.patch_size, "params": asdict(params)})
-    return create_patch_array(group, 0, 3, params.patch_size)
+    group.attrs.update({"patch_shape": list(params.instance_shape), "params": asdict(params)})
+    return create_patch_array(group, 0, 3, params.instance_shape)
 
 
 def _patch_records(row: dict[str, str], windows: np.ndarray, first: int) -> list[dict[str, Any]]:

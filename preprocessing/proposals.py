@@ -36,6 +36,7 @@ from preprocessing.errors import InputError
 
 BACKENDS = ("opencv", "selectivesearch")
 OPENCV_MODES = ("fast", "single", "quality")
+INSTANCE_MODES = ("cells", "whole")
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,22 @@ class CropParams:
     ss_scale: float = 100.0
     ss_sigma: float = 0.9
     ss_min_size: int = 50
+    # whole images as instances (BDGP embryos, already cropped patches): no proposals, just a resize
+    instances: str = "cells"  # "cells" (selective-search crops) or "whole" (each image is one instance)
+    whole_size: tuple[int, int] | None = None  # (height, width) of whole-image instances; None: patch_size
+
+    @property
+    def instance_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the instances this stage writes."""
+        if self.instances == "whole" and self.whole_size is not None:
+            return int(self.whole_size[0]), int(self.whole_size[1])
+        return self.patch_size, self.patch_size
 
     def __post_init__(self) -> None:
+        if self.instances not in INSTANCE_MODES:
+            raise InputError(f"instances must be one of {', '.join(INSTANCE_MODES)}; got {self.instances!r}")
+        if self.whole_size is not None and (len(self.whole_size) != 2 or min(self.whole_size) < 1):
+            raise InputError(f"whole_size must be (height, width) >= 1; got {self.whole_size!r}")
         if self.backend not in BACKENDS:
             raise InputError(f"crop backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.opencv_mode not in OPENCV_MODES:

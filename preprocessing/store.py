@@ -2,7 +2,7 @@
 
 Layout (format version 1)::
 
-    patches       uint8  (N, C, P, P)  one chunk per patch, zstd
+    patches       uint8  (N, C, H, W)  one chunk per patch, zstd (H = W = P for cell patches)
     bag_offsets   int64  (B + 1,)      bag b is patches[bag_offsets[b]:bag_offsets[b + 1]]
     labels        uint8  (B, K)        multi-hot
     split         int8   (B,)          0 train, 1 val, 2 test
@@ -10,7 +10,7 @@ Layout (format version 1)::
     source_image  str    (N,)          the field each patch was cut from
     box           int32  (N, 4)        x0, y0, x1, y1 in that field
 
-Attributes: ``format_version``, ``class_names``, ``source``, ``patch_size``, ``params``.
+Attributes: ``format_version``, ``class_names``, ``source``, ``patch_shape`` ``[H, W]``, ``params``.
 """
 
 from __future__ import annotations
@@ -35,12 +35,18 @@ def _compressor() -> zarr.codecs.ZstdCodec:
     return zarr.codecs.ZstdCodec(level=3)
 
 
-def create_patch_array(group: zarr.Group, n: int, channels: int, patch_size: int) -> zarr.Array:
-    """The ``patches`` array: uint8 ``(n, C, P, P)``, one zstd chunk per patch (n = 0: append later)."""
+def create_patch_array(
+    group: zarr.Group, n: int, channels: int, patch_shape: int | tuple[int, int]
+) -> zarr.Array:
+    """The ``patches`` array: uint8 ``(n, C, H, W)``, one zstd chunk per patch (n = 0: append later).
+
+    ``patch_shape`` is ``P`` for square patches or ``(H, W)`` (e.g. whole 180x320 embryo images).
+    """
+    height, width = (patch_shape, patch_shape) if isinstance(patch_shape, int) else patch_shape
     return group.create_array(
         "patches",
-        shape=(n, channels, patch_size, patch_size),
-        chunks=(1, channels, patch_size, patch_size),
+        shape=(n, channels, height, width),
+        chunks=(1, channels, height, width),
         dtype="uint8",
         compressors=_compressor(),
     )
@@ -70,10 +76,10 @@ def write_bag_store(
     n = len(picks)
     if len(bag_offsets) != len(labels) + 1 or bag_offsets[-1] != n:
         raise ValueError("bag_offsets do not match labels and picks")
-    channels, patch_size = _patch_geometry(sources)
+    channels, patch_shape = _patch_geometry(sources)
     with atomic_path(dest) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
-        patches = create_patch_array(root, n, channels, patch_size)
+        patches = create_patch_array(root, n, channels, patch_shape)
         tasks = [
             dask.delayed(_copy_block)(sources, picks[start : start + _BLOCK], patches, start)
             for start in range(0, n, _BLOCK)
@@ -87,7 +93,7 @@ def write_bag_store(
         root.create_array("bag_id", data=_strings(bag_id))
         root.create_array("source_image", data=_strings(source_image))
         root.create_array("box", data=np.asarray(box, dtype=np.int32).reshape(n, 4))
-        root.attrs.update({**attrs, "format_version": FORMAT_VERSION, "patch_size": patch_size})
+        root.attrs.update({**attrs, "format_version": FORMAT_VERSION, "patch_shape": list(patch_shape)})
 
 
 def _strings(values: Sequence[str]) -> np.ndarray:
@@ -95,14 +101,12 @@ def _strings(values: Sequence[str]) -> np.ndarray:
     return np.asarray(list(values), dtype=np.dtypes.StringDType())
 
 
-def _patch_geometry(sources: Sequence[zarr.Array]) -> tuple[int, int]:
+def _patch_geometry(sources: Sequence[zarr.Array]) -> tuple[int, tuple[int, int]]:
     shapes = {tuple(s.shape[1:]) for s in sources if s.shape[0] > 0} or {tuple(sources[0].shape[1:])}
     if len(shapes) != 1:
         raise InputError(f"patch shards disagree on patch shape: {sorted(shapes)}")
     channels, height, width = shapes.pop()
-    if height != width:
-        raise InputError(f"patches must be square, got {height}x{width}")
-    return channels, height
+    return channels, (height, width)
 
 
 def _copy_block(sources: Sequence[zarr.Array], picks: np.ndarray, out: zarr.Array, start: int) -> None:
@@ -158,8 +162,10 @@ class BagStore:
         return len(self.split)
 
     @property
-    def patch_size(self) -> int:
-        return int(self.attrs["patch_size"])
+    def patch_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of every instance."""
+        height, width = self.attrs["patch_shape"]
+        return int(height), int(width)
 
     def bag_sizes(self) -> np.ndarray:
         return np.diff(self.bag_offsets)

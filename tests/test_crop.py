@@ -203,7 +203,7 @@ def test_crop_shard_end_to_end(synth: Path, tmp_path: Path) -> None:
     assert patches.dtype == np.uint8
     assert patches.shape == (len(table), 3, 64, 64) and len(table) > 0
     assert patches.chunks == (1, 3, 64, 64)
-    assert group.attrs["patch_size"] == 64 and group.attrs["params"] == asdict(params)
+    assert group.attrs["patch_shape"] == [64, 64] and group.attrs["params"] == asdict(params)
     assert list(table.columns) == [
         *("patch_index", "image_id", "group", "labels", "x0", "y0", "x1", "y1"),
         "quality",
@@ -262,3 +262,23 @@ def test_crop_shard_deterministic_across_workers(synth: Path, tmp_path: Path) ->
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     shard_ids = set(pd.read_csv(tmp_path / "w1.tsv", sep="\t")["image_id"])
     assert shard_ids <= {"P0001_F02", "P0002_F02"}  # rows 1 and 3
+
+
+def test_whole_images_as_instances(tmp_path: Path) -> None:
+    """instances="whole": every image becomes one (H, W) instance, non-square allowed, no proposals."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (h, w) in enumerate([(90, 160), (200, 300), (50, 50)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"e{i}.png")
+        rows.append(f"E{i}\tG{i % 2}\te{i}.png\tventral ectoderm")
+    (tmp_path / "images.tsv").write_text("image_id\tgroup\tpath\tlabels\n" + "\n".join(rows) + "\n")
+    params = CropParams(instances="whole", whole_size=(18, 32))
+    stats = crop_shard(tmp_path / "images.tsv", 0, 1, tmp_path / "0.zarr", tmp_path / "0.tsv", params)
+    patches = zarr.open_array(tmp_path / "0.zarr" / "patches", mode="r")
+    assert stats["patches"] == 3 and patches.shape == (3, 3, 18, 32) and patches.chunks == (1, 3, 18, 32)
+    table = pd.read_csv(tmp_path / "0.tsv", sep="\t")
+    assert table[["x0", "y0", "x1", "y1"]].values.tolist()[1] == [0, 0, 300, 200]
+    with pytest.raises(InputError, match="instances must be one of"):
+        CropParams(instances="tiles")

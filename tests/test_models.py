@@ -187,3 +187,13 @@ def test_tree_features_option_changes_the_tree_input():
 
 def test_registry_lists_models():
     assert {"hamil", "hamil_a", "ramil", "mean"} <= set(available())
+
+
+@pytest.mark.parametrize("name", ["hamil", "mean"])
+def test_non_square_instances(name):
+    """Whole-image instances (e.g. 180x320 embryos) are not square: maps are (C, h, w) with h != w."""
+    torch.manual_seed(0)
+    model = build_model(name, 3).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 256, (5, 3, 64, 128), dtype=torch.uint8), torch.tensor([2, 3]))
+    assert out.shape == (2, 3)
