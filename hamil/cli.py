@@ -61,9 +61,19 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
+    if args.source == "folder":
+        from preprocessing.sources.folder import prepare_folder
+
+        if not args.table:
+            raise InputError("hamil download folder: --table (path, group, labels) is required")
+        table = prepare_folder(args.table, args.out, args.image_root, args.max_bad_fraction, args.workers)
+        log.info(
+            "folder: %d images of %d groups -> %s/images.tsv", len(table), table["group"].nunique(), args.out
+        )
+        return
     raise InputError(
         f"hamil download {args.source}: downloading real data is not built yet in this version; "
-        "use `hamil synth` or your own images"
+        "use `hamil synth` or your own images (`hamil download folder`)"
     )
 
 
@@ -164,9 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     _dataclass_options(p, SynthParams)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("download", help="download a real data source (hpa, hpa_paper, bdgp)")
-    p.add_argument("source", choices=["hpa", "hpa_paper", "bdgp"])
-    p.add_argument("--out", help="output folder")
+    p = sub.add_parser("download", help="acquire a data source (hpa, hpa_paper, bdgp, or your own folder)")
+    p.add_argument("source", choices=["hpa", "hpa_paper", "bdgp", "folder"])
+    p.add_argument("--out", required=True, help="output folder (images.tsv is written there)")
+    p.add_argument("--table", help="folder: TSV with path, group, labels (labels may be empty: negatives)")
+    p.add_argument("--image-root", help="folder: base of relative paths (default: the table's folder)")
+    p.add_argument(
+        "--max-bad-fraction", type=float, default=0.0, help="folder: skip up to this many bad images"
+    )
+    p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("crop", help="cut cell patches from one shard of images.tsv")

@@ -63,7 +63,7 @@ def to_markdown(table: pd.DataFrame, title: str = "", reference: pd.DataFrame | 
 
     ``reference`` (columns ``model``, the metrics, optionally ``source``) is printed as a second table.
     """
-    metrics = [m for m in (*METRICS, *TUNED) if table[f"{m}_mean"].notna().any()]
+    metrics = [*METRICS, *(m for m in TUNED if table[f"{m}_mean"].notna().any())]
     lines = [f"### {title}", ""] if title else []
     lines += ["| model | seeds | " + " | ".join(HEADERS[m] for m in metrics) + " |"]
     lines += ["|---|---:|" + "---:|" * len(metrics)]

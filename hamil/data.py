@@ -49,12 +49,21 @@ class BagDataset(Dataset):
 
 
 def random_dihedral(patches: torch.Tensor) -> torch.Tensor:
-    """Apply one of the 8 flips/rotations, drawn independently, to each patch of ``(n, C, P, P)``."""
-    ops = torch.randint(0, 8, (patches.shape[0],)).tolist()
-    out = [
-        torch.rot90(p.flip(-1) if op >= 4 else p, op % 4, dims=(-2, -1))
-        for p, op in zip(patches, ops, strict=True)
-    ]
+    """Apply a random flip/rotation, drawn independently, to each patch of ``(n, C, H, W)``.
+
+    Square patches get one of the 8 symmetries of the square; non-square ones (whole images) one of the
+    4 that keep their shape (none, horizontal flip, vertical flip, both).
+    """
+    if patches.shape[-1] != patches.shape[-2]:
+        ops = torch.randint(0, 4, (patches.shape[0],)).tolist()
+        flips = [[d for d, bit in ((-1, 1), (-2, 2)) if op & bit] for op in ops]
+        out = [p.flip(dims) if dims else p for p, dims in zip(patches, flips, strict=True)]
+    else:
+        ops = torch.randint(0, 8, (patches.shape[0],)).tolist()
+        out = [
+            torch.rot90(p.flip(-1) if op >= 4 else p, op % 4, dims=(-2, -1))
+            for p, op in zip(patches, ops, strict=True)
+        ]
     return torch.stack(out) if out else patches
 
 

@@ -39,7 +39,8 @@ def plot_curves(history_csv: str | os.PathLike[str], dest: str | os.PathLike[str
 
 def read_table_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a training history CSV, checking its columns."""
-    return read_table(path, HISTORY_COLUMNS, sep=",").apply(pd.to_numeric)
+    table = read_table(path, HISTORY_COLUMNS, sep=",")  # strings; an undefined metric is "nan"
+    return table.replace({"nan": None, "": None}).apply(pd.to_numeric)
 
 
 def save_figure(fig: plt.Figure, dest: str | os.PathLike[str]) -> None:

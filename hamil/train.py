@@ -105,7 +105,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "epoch": epoch,
             "val_metrics": {k: v for k, v in row.items() if k.startswith("val_")},
         }
-        if score > best["score"]:
+        if score > best["score"] or "epoch" not in best:  # an undefined score (-inf) still gives a best.pt
             best = {"score": score, "epoch": epoch, **payload["val_metrics"]}
             save_checkpoint(out / "best.pt", payload)
             stale = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import threading
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +21,7 @@ from PIL import Image
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy
 from preprocessing.errors import InputError
-from preprocessing.sources import bdgp
+from preprocessing.sources import bdgp, hpa
 
 FAST = DownloadPolicy(retries=1, backoff=0.001, max_backoff=0.01, timeout=5.0)
 HTML = b"<!DOCTYPE html><html><head><title>Oops</title></head><body>Not found</body></html>"
@@ -234,3 +235,219 @@ def test_bdgp_default_downloader_is_polite(site, tmp_path, monkeypatch):
     bdgp.acquire(tmp_path, bdgp.BdgpOptions(base_url=url, min_interval=0.01), limit=1)
     assert made[0].concurrency == 1 and made[0].min_interval == 0.01
     assert (tmp_path / "manifest.tsv").is_file()
+
+
+# -------------------------------------------------------------------------------------------------- HPA
+
+OLD_TSV = (
+    "Gene\tGene name\tReliability\tEnhanced\tSupported\tApproved\tUncertain\tGO id\n"
+    "ENSG00000000003\tTSPAN6\tApproved\t\t\tCell Junctions;Cytosol\t\tCell Junctions (GO:0030054)\n"
+    "ENSG00000000457\tSCYL3\tUncertain\t\t\t\tGolgi apparatus\t\n"
+    "ENSG00000001036\tFUCA2\tEnhanced\tNucleoplasm\t\tCytosol\tVesicles\t\n"
+)
+V17_TSV = OLD_TSV.replace("Enhanced", "Validated")
+NEW_TSV = (
+    "Gene\tGene name\tReliability\tMain location\tAdditional location\tExtracellular location\t"
+    "Enhanced\tSupported\tApproved\tUncertain\n"
+    "ENSG00000000003\tTSPAN6\tApproved\tCell Junctions\tCytosol\t\t\t\tCell Junctions;Cytosol\t\n"
+    "ENSG00000000457\tSCYL3\tUncertain\tGolgi apparatus\t\t\t\t\t\tGolgi apparatus\n"
+    "ENSG00000001036\tFUCA2\tEnhanced\tNucleoplasm\tCytosol;Vesicles\tPredicted to be secreted\t"
+    "Nucleoplasm\t\tCytosol\tVesicles\n"
+)
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def gene_xml(gene: str, image_host: str = "https://images.proteinatlas.org") -> bytes:
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<proteinAtlas xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" schemaVersion="2.6">
+<entry version="18" url="http://v18.proteinatlas.org/{gene}">
+  <name>FUCA2</name>
+  <identifier id="{gene}" db="Ensembl" version="88.38"><xref id="Q9BTY2" db="Uniprot/SWISSPROT"/></identifier>
+  <tissueExpression source="HPA" technology="IHC"><data><tissue>liver</tissue>
+    <location>should not be read</location></data></tissueExpression>
+  <antibody id="HPA000001">
+    <tissueExpression source="HPA" technology="IHC"><data><tissue>liver</tissue></data></tissueExpression>
+    <cellExpression source="HPA" technology="ICC/IF">
+      <summary>Localized to the nucleoplasm.</summary>
+      <subAssay type="human">
+        <data>
+          <cellLine cellosaurusID="CVCL_0023" organ="Lung">A-549</cellLine>
+          <location GOId="GO:0005654">Nucleoplasm</location>
+          <assayImage>
+            <image><channel>blue</channel><channel>red</channel><channel>green</channel>
+              <imageUrl>{image_host}/4109/1832_C1_2_blue_red_green.jpg</imageUrl></image>
+            <image><channel>blue</channel><channel>red</channel><channel>green</channel>
+              <imageUrl>{image_host}/4109/1832_C1_3_blue_red_green.jpg</imageUrl></image>
+          </assayImage>
+        </data>
+      </subAssay>
+      <subAssay type="mouse"><data><cellLine>NIH-3T3</cellLine>
+        <assayImage><image><imageUrl>{image_host}/4109/9_A1_1_blue_red_green.jpg</imageUrl></image>
+        </assayImage></data></subAssay>
+    </cellExpression>
+  </antibody>
+  <antibody id="CAB000002">
+    <cellExpression source="HPA" technology="ICC/IF">
+      <subAssay type="human">
+        <data>
+          <cellLine cellosaurusID="CVCL_0030" organ="Cervix">HeLa</cellLine>
+          <location GOId="GO:0005654">Nucleoplasm</location>
+          <location GOId="GO:0005829">Cytosol</location>
+          <assayImage>
+            <image><channel>blue</channel><channel>red</channel><channel>green</channel>
+              <imageUrl>{image_host}/5120/1843_B2_17_cr5af971a263864_blue_red_green.jpg</imageUrl></image>
+          </assayImage>
+        </data>
+      </subAssay>
+    </cellExpression>
+    <cellExpression source="other" technology="ICC/IF"><subAssay type="human"><data>
+      <assayImage><image><imageUrl>{image_host}/1/7_A1_1_blue_red_green.jpg</imageUrl></image></assayImage>
+    </data></subAssay></cellExpression>
+  </antibody>
+</entry>
+</proteinAtlas>
+""".encode()
+
+
+def test_hpa_location_table_both_layouts_and_reliability():
+    old = hpa.parse_location_table(
+        pd.read_csv(io.StringIO(OLD_TSV), sep="\t", dtype=str, keep_default_na=False),
+        hpa.HpaOptions().reliability,
+        "old",
+    )
+    assert old["gene"].tolist() == ["ENSG00000000003", "ENSG00000001036"]  # Uncertain gene dropped
+    assert old["labels"].tolist() == [
+        "Cell Junctions;Cytosol",
+        "Cytosol;Nucleoplasm",
+    ]  # Uncertain locs dropped
+    assert old["gene_name"].tolist() == ["TSPAN6", "FUCA2"]
+    v17 = hpa.parse_location_table(
+        hpa.read_location_zip(zipped({"x.tsv": V17_TSV.encode()}), "v17"), ("Enhanced",), "v17"
+    )
+    assert v17["gene"].tolist() == ["ENSG00000001036"] and v17["labels"].iloc[0] == "Nucleoplasm"
+    new = hpa.parse_location_table(
+        hpa.read_location_zip(zipped({"subcellular_location.tsv": NEW_TSV.encode()}), "new"),
+        hpa.HpaOptions().reliability,
+        "new",
+    )
+    assert new["labels"].tolist() == ["Cell Junctions;Cytosol", "Cytosol;Nucleoplasm;Vesicles"]
+    every = hpa.parse_location_table(
+        pd.read_csv(io.StringIO(NEW_TSV), sep="\t", dtype=str, keep_default_na=False), hpa.LEVELS, "new"
+    )
+    assert every["gene"].tolist()[1] == "ENSG00000000457"
+    with pytest.raises(InputError, match="bad: missing columns: Reliability"):
+        hpa.parse_location_table(pd.DataFrame({"Gene": ["x"]}), ("Approved",), "bad")
+    with pytest.raises(InputError, match="zz: not a valid zip"):
+        hpa.read_location_zip(HTML, "zz")
+
+
+def test_hpa_gene_xml_two_antibodies_and_extra_token(tmp_path):
+    gene = "ENSG00000001036"
+    images = list(hpa.parse_gene_xml(io.BytesIO(gene_xml(gene))))
+    assert [(im.antibody, im.cell_line) for im in images] == [
+        ("HPA000001", "A-549"),
+        ("HPA000001", "A-549"),
+        ("CAB000002", "HeLa"),
+    ]
+    assert {im.gene for im in images} == {gene}
+    assert images[2].locations == ("Nucleoplasm", "Cytosol")
+    assert images[2].image_url.endswith("/5120/1843_B2_17_cr5af971a263864_blue_red_green.jpg")
+    path = tmp_path / "g.xml"
+    path.write_bytes(gene_xml(gene))
+    assert list(hpa.parse_gene_xml(path)) == images
+    path.write_bytes(b"<entry><antibody>")
+    with pytest.raises(InputError, match="g.xml: malformed XML"):
+        list(hpa.parse_gene_xml(path))
+
+
+def test_hpa_channel_urls_composite_per_channel_and_mirror():
+    url = "https://images.proteinatlas.org/5120/1843_B2_17_cr5af971a263864_blue_red_green.jpg"
+    assert hpa.channel_urls(url, ("blue_red_green",)) == {"blue_red_green": url}
+    per = hpa.channel_urls(url, ("green", "yellow"))
+    assert per["yellow"] == "https://images.proteinatlas.org/5120/1843_B2_17_cr5af971a263864_yellow.jpg"
+    assert per["green"].endswith("_cr5af971a263864_green.jpg")
+    plain = hpa.channel_urls("https://images.proteinatlas.org/4109/1832_C1_2_blue_red_green.jpg", ("red",))
+    assert plain["red"] == "https://images.proteinatlas.org/4109/1832_C1_2_red.jpg"
+    mirror = hpa.channel_urls(url, ("blue",), "http://127.0.0.1:1/m/")
+    assert mirror["blue"] == "http://127.0.0.1:1/m/5120/1843_B2_17_cr5af971a263864_blue.jpg"
+    assert hpa.image_id_of(url) == "5120_1843_B2_17_cr5af971a263864"
+    with pytest.raises(InputError, match="no '_blue'"):
+        hpa.channel_urls("https://x/1/a_green.jpg", ("blue",))
+    with pytest.raises(InputError, match="channels"):
+        hpa.HpaOptions(channels=("purple",)).validate()
+
+
+def hpa_site(url: str, site: Site, new_path: bool = False) -> None:
+    genes = ["ENSG00000000003", "ENSG00000001036"]
+    table = zipped({"subcellular_location.tsv": OLD_TSV.encode()})
+    if new_path:
+        site.routes["/download/tsv/subcellular_location.tsv.zip"] = (200, table)
+    else:
+        site.routes["/download/tsv/subcellular_location.tsv.zip"] = (403, b"Forbidden")
+        site.routes["/download/subcellular_location.tsv.zip"] = (200, table)
+    for g in genes:
+        site.routes[f"/{g}.xml"] = (200, gene_xml(g, f"{url}/img").replace(b"FUCA2", g.encode()))
+    site.routes["/ENSG00000000003.xml"] = (404, b"gone")
+    for stem in ("4109/1832_C1_2", "4109/1832_C1_3", "5120/1843_B2_17_cr5af971a263864"):
+        for c in ("blue_red_green", "blue", "green"):
+            site.routes[f"/img/{stem}_{c}.jpg"] = (200, jpeg())
+
+
+def test_hpa_acquire_falls_back_to_old_table_path(site, tmp_path):
+    url, s = site
+    hpa_site(url, s)
+    out = tmp_path / "hpa"
+    table = hpa.acquire(out, hpa.HpaOptions(base_url=url), downloader(tmp_path))
+    assert s.requests["/download/tsv/subcellular_location.tsv.zip"]
+    assert table.columns.tolist() == list(hpa.IMAGES_TSV_COLUMNS)
+    assert table["image_id"].tolist() == [
+        "4109_1832_C1_2",
+        "4109_1832_C1_3",
+        "5120_1843_B2_17_cr5af971a263864",
+    ]
+    assert set(table["group"]) == {"ENSG00000001036"}
+    assert set(table["labels"]) == {"Cytosol;Nucleoplasm"}
+    assert table["url"].iloc[2] == f"{url}/img/5120/1843_B2_17_cr5af971a263864_blue_red_green.jpg"
+    assert table["cell_line"].tolist() == ["A-549", "A-549", "HeLa"]
+    for p in table["path"]:
+        assert Image.open(out / p).format == "JPEG"
+    written = pd.read_csv(out / "images.tsv", sep="\t", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(written, table.astype(str))
+    bad_genes = pd.read_csv(out / "rejected_genes.tsv", sep="\t", dtype=str)
+    assert bad_genes["gene"].tolist() == ["ENSG00000000003"] and "404" in bad_genes["reason"].iloc[0]
+    assert "/9_A1_1_" not in " ".join(s.requests)  # the mouse sub-assay is not fetched
+
+
+def test_hpa_acquire_per_channel_new_path_and_mirror(site, tmp_path):
+    url, s = site
+    hpa_site("https://images.proteinatlas.org", s, new_path=True)
+    opts = hpa.HpaOptions(base_url=url, image_base_url=f"{url}/img", channels=("blue", "green"), max_genes=5)
+    table = hpa.acquire(tmp_path, opts, downloader(tmp_path), limit=2)
+    assert "/download/subcellular_location.tsv.zip" not in s.requests
+    assert {"path_blue", "path_green", "url_blue", "url_green"} <= set(table.columns)
+    assert table["path"].tolist() == table["path_blue"].tolist()
+    assert all((tmp_path / p).is_file() for p in table["path_green"])
+    assert table["url_green"].iloc[0] == f"{url}/img/4109/1832_C1_2_green.jpg"
+
+
+def test_hpa_acquire_image_failures_and_missing_table(site, tmp_path):
+    url, s = site
+    hpa_site(url, s)
+    s.routes["/img/4109/1832_C1_3_blue_red_green.jpg"] = (200, HTML)
+    with pytest.raises(DownloadError, match="1 of 3 images failed"):
+        hpa.acquire(tmp_path / "a", hpa.HpaOptions(base_url=url), downloader(tmp_path))
+    table = hpa.acquire(
+        tmp_path / "b", hpa.HpaOptions(base_url=url, max_bad_fraction=0.5), downloader(tmp_path)
+    )
+    assert len(table) == 2
+    assert pd.read_csv(tmp_path / "b" / "rejected.tsv", sep="\t")["image_id"].tolist() == ["4109_1832_C1_3"]
+    s.routes.pop("/download/subcellular_location.tsv.zip")
+    with pytest.raises(DownloadError, match="no location table found.*404"):
+        hpa.acquire(tmp_path / "c", hpa.HpaOptions(base_url=url), downloader(tmp_path))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -124,3 +125,46 @@ def test_schema_sections_match_the_parameter_dataclasses():
     }
     assert set(schema["properties"]["train"]["properties"]) == train_keys
     assert schema["properties"]["models"]["items"]["enum"] == available()
+
+
+@pytest.mark.slow
+def test_own_folder_binary_screening(tmp_path):
+    """A user's folder, one class, negative bags kept, whole images as instances, through Snakemake."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "my_images"
+    images.mkdir()
+    rows = ["path\tgroup\tlabels"]
+    for well in range(12):
+        hit = well % 3 == 0
+        for field in range(3):
+            pixels = rng.integers(0, 60, (40, 56, 3), dtype=np.uint8)
+            if hit:
+                pixels[10:30, 15:40, 1] = 220  # a bright green blob marks a hit
+            name = f"w{well:02d}_f{field}.{'png' if field else 'tif'}"
+            Image.fromarray(pixels if field else pixels[:, :, 1]).save(images / name)
+            rows.append(f"{name}\twell{well:02d}\t{'hit' if hit else ''}")
+    (images / "plate.tsv").write_text("\n".join(rows) + "\n")
+    config = {
+        "datasets": {
+            "screen": {
+                "source": "folder",
+                "table": str(images / "plate.tsv"),
+                "shards": 1,
+                "crop": {"instances": "whole", "whole_size": [32, 48]},
+                "bags": {"classes": ["hit"], "keep_unlabeled": True, "split_ratio": [2, 1, 1]},
+            }
+        },
+        "models": ["mean"],
+        "seeds": [0],
+        "train": {"epochs": 1, "batch_bags": 4, "lr": 1.0e-3},
+        "train_threads": 1,
+    }
+    path = tmp_path / "screen.yaml"
+    path.write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(path))
+    metrics = json.loads((tmp_path / "results/screen/mean/seed0/metrics.json").read_text())
+    assert {"macro_auc", "macro_f1", "micro_f1", "subset_accuracy"} <= set(metrics)
+    bags = pd.read_csv(tmp_path / "data/processed/screen/bags.tsv", sep="\t", keep_default_na=False)
+    assert len(bags) == 12 and (bags["labels"] == "").sum() == 8

@@ -38,6 +38,9 @@ rule download:
         ds="|".join(DOWNLOADED) or "^$",
     params:
         source=lambda w: ds_config(w.ds)["source"],
+        options=lambda w: cli_options(
+            {k: ds_config(w.ds).get(k) for k in ("table", "image_root", "max_bad_fraction")}
+        ),
     resources:
         http=1,
     conda:
@@ -45,4 +48,4 @@ rule download:
     log:
         "logs/{ds}/download.log",
     shell:
-        "hamil download {params.source} --out data/raw/{wildcards.ds} > {log} 2>&1"
+        "hamil download {params.source} --out data/raw/{wildcards.ds} {params.options} > {log} 2>&1"
