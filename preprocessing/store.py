@@ -26,7 +26,7 @@ import zarr
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: patch_shape [H, W] replaces patch_size (non-square instances)
 SPLITS = ("train", "val", "test")
 _BLOCK = 256  # patches copied per task
 
