@@ -5,12 +5,15 @@ Fixtures are small byte strings shaped like the real files (see DATA_SOURCES.md)
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
 import io
 import threading
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from PIL import Image
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy
 from preprocessing.errors import InputError
-from preprocessing.sources import bdgp, hpa
+from preprocessing.sources import bdgp, hpa, hpa_paper
 
 FAST = DownloadPolicy(retries=1, backoff=0.001, max_backoff=0.01, timeout=5.0)
 HTML = b"<!DOCTYPE html><html><head><title>Oops</title></head><body>Not found</body></html>"
@@ -35,7 +38,7 @@ class Site:
 
     def __init__(self) -> None:
         self.routes: dict[str, Callable[[BaseHTTPRequestHandler], None] | tuple[int, bytes]] = {}
-        self.requests: dict[str, list[dict[str, str]]] = defaultdict(list)
+        self.requests: dict[str, list[Message]] = defaultdict(list)
         self.lock = threading.Lock()
 
 
@@ -45,7 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         site = self.server.site
         with site.lock:
-            site.requests[self.path].append(dict(self.headers.items()))
+            site.requests[self.path].append(self.headers)  # case-insensitive lookups
         route = site.routes.get(self.path)
         if route is None:
             self.send_error(404)
@@ -219,6 +222,10 @@ def test_bdgp_acquire_fails_above_max_bad_fraction_and_limit(site, tmp_path):
     assert not (tmp_path / "a" / "images.tsv").exists()
     table = bdgp.acquire(tmp_path / "b", opts, downloader(tmp_path), limit=1)
     assert set(table["group"]) == {"CG1378_s2"} and len(table) == 2
+    s.routes["/insitu-mysql-dump/insitu_annot.csv.gz"] = (200, HTML)
+    with pytest.raises(DownloadError, match="insitu_annot.csv.gz: got an HTML page"):
+        bdgp.acquire(tmp_path / "c", opts, downloader(tmp_path))
+    assert not (tmp_path / "c" / "raw" / "insitu_annot.csv.gz").exists()
 
 
 def test_bdgp_default_downloader_is_polite(site, tmp_path, monkeypatch):
@@ -389,8 +396,7 @@ def hpa_site(url: str, site: Site, new_path: bool = False) -> None:
     table = zipped({"subcellular_location.tsv": OLD_TSV.encode()})
     if new_path:
         site.routes["/download/tsv/subcellular_location.tsv.zip"] = (200, table)
-    else:
-        site.routes["/download/tsv/subcellular_location.tsv.zip"] = (403, b"Forbidden")
+    else:  # the tsv/ path answers 404 (no route): the old path is used
         site.routes["/download/subcellular_location.tsv.zip"] = (200, table)
     for g in genes:
         site.routes[f"/{g}.xml"] = (200, gene_xml(g, f"{url}/img").replace(b"FUCA2", g.encode()))
@@ -428,7 +434,7 @@ def test_hpa_acquire_falls_back_to_old_table_path(site, tmp_path):
 def test_hpa_acquire_per_channel_new_path_and_mirror(site, tmp_path):
     url, s = site
     hpa_site("https://images.proteinatlas.org", s, new_path=True)
-    opts = hpa.HpaOptions(base_url=url, image_base_url=f"{url}/img", channels=("blue", "green"), max_genes=5)
+    opts = hpa.HpaOptions(base_url=url, image_base_url=url, channels=("blue", "green"), max_genes=5)
     table = hpa.acquire(tmp_path, opts, downloader(tmp_path), limit=2)
     assert "/download/subcellular_location.tsv.zip" not in s.requests
     assert {"path_blue", "path_green", "url_blue", "url_green"} <= set(table.columns)
@@ -441,6 +447,7 @@ def test_hpa_acquire_image_failures_and_missing_table(site, tmp_path):
     url, s = site
     hpa_site(url, s)
     s.routes["/img/4109/1832_C1_3_blue_red_green.jpg"] = (200, HTML)
+    s.routes["/download/tsv/subcellular_location.tsv.zip"] = (403, b"Forbidden")  # 403 also moves on
     with pytest.raises(DownloadError, match="1 of 3 images failed"):
         hpa.acquire(tmp_path / "a", hpa.HpaOptions(base_url=url), downloader(tmp_path))
     table = hpa.acquire(
@@ -451,3 +458,181 @@ def test_hpa_acquire_image_failures_and_missing_table(site, tmp_path):
     s.routes.pop("/download/subcellular_location.tsv.zip")
     with pytest.raises(DownloadError, match="no location table found.*404"):
         hpa.acquire(tmp_path / "c", hpa.HpaOptions(base_url=url), downloader(tmp_path))
+
+
+# -------------------------------------------------------------------------------------------- HPA paper
+
+NS = "http://schemas.microsoft.com/windowsazure"
+
+
+def listing_page(blobs: list[tuple[str, bytes | None]], marker: str = "", namespace: bool = False) -> bytes:
+    items = []
+    for name, data in blobs:
+        md5 = (
+            f"<Content-MD5>{base64.b64encode(hashlib.md5(data).digest()).decode()}</Content-MD5>"
+            if data
+            else ""
+        )
+        length = (
+            f"<Content-Length>{len(data)}</Content-Length>" if data else "<Content-Length>7</Content-Length>"
+        )
+        items.append(
+            f"<Blob><Name>{name}</Name><Properties>"
+            "<Last-Modified>Mon, 01 Mar 2021 00:00:00 GMT</Last-Modified>"
+            f"<Etag>0x8D8</Etag>{length}<Content-Type>application/x-zip-compressed</Content-Type>{md5}"
+            f"</Properties><OrMetadata /></Blob>"
+        )
+    xmlns = f' xmlns="{NS}"' if namespace else ""
+    next_marker = f"<NextMarker>{marker}</NextMarker>" if marker else "<NextMarker />"
+    return (
+        f'\ufeff<?xml version="1.0" encoding="utf-8"?><EnumerationResults{xmlns} '
+        f'ServiceEndpoint="https://bioimagestore.blob.core.windows.net/" ContainerName="dataset">'
+        f"<MaxResults>2</MaxResults><Blobs>{''.join(items)}</Blobs>{next_marker}</EnumerationResults>"
+    ).encode()
+
+
+PATCH_ZIP = {
+    "hpa/ENSG00000001036/1832_C1_2_blue_red_green.jpg_0.jpg": jpeg(1),
+    "hpa/ENSG00000001036/1832_C1_2_blue_red_green.jpg_1.jpg": jpeg(2),
+    "hpa/ENSG00000000003/1843_B2_17_blue_red_green.jpg_0.jpg": jpeg(3),
+    "hpa/ENSG00000000003/notes.txt": b"not a patch",
+}
+LIST = "/dataset?restype=container&comp=list"
+
+
+def paper_site(site: Site, part1: bytes) -> None:
+    site.routes[LIST] = (
+        200,
+        listing_page([("hpa dataSet_part1.zip", part1), ("readme.txt", None)], "2!72!MDAw"),
+    )
+    site.routes[LIST + "&marker=2%2172%21MDAw"] = (200, listing_page([("hpa_dataSet_part2.zip", b"x" * 7)]))
+    site.routes["/dataset/hpa%20dataSet_part1.zip"] = (200, part1)
+
+
+def test_hpa_paper_listing_two_pages_and_namespaces(site):
+    url, s = site
+    part1 = zipped(PATCH_ZIP)
+    paper_site(s, part1)
+    blobs = hpa_paper.list_blobs(Downloader(FAST, progress=False), f"{url}/dataset/", "2020-10-02")
+    assert [b.name for b in blobs] == ["hpa dataSet_part1.zip", "readme.txt", "hpa_dataSet_part2.zip"]
+    assert (
+        blobs[0].size == len(part1)
+        and blobs[0].md5_b64 == base64.b64encode(hashlib.md5(part1).digest()).decode()
+    )
+    assert blobs[1].md5_b64 is None
+    pages = s.requests[LIST] + s.requests[LIST + "&marker=2%2172%21MDAw"]
+    assert len(pages) == 2 and all(h["x-ms-version"] == "2020-10-02" for h in pages)
+    ns_blobs, marker = hpa_paper.parse_listing(listing_page([("a.zip", b"abc")], "m1", namespace=True))
+    assert [b.name for b in ns_blobs] == ["a.zip"] and marker == "m1"
+    with pytest.raises(DownloadError, match="x: not a blob listing"):
+        hpa_paper.parse_listing(HTML, "x")
+
+
+def test_hpa_paper_blob_names_encoded_and_checked():
+    assert (
+        hpa_paper.blob_url("https://h/dataset/", "hpa dataSet_part1.zip")
+        == "https://h/dataset/hpa%20dataSet_part1.zip"
+    )
+    assert hpa_paper.blob_url("https://h/dataset", "a/b#c.zip") == "https://h/dataset/a/b%23c.zip"
+    assert hpa_paper.check_blob_name("sub/hpa dataSet_part1.zip") == "sub/hpa dataSet_part1.zip"
+    for bad in ("../evil.zip", "/etc/passwd", "a/../../b.zip", "C:evil.zip", "a\\..\\b", ""):
+        with pytest.raises(DownloadError, match="unsafe blob name"):
+            hpa_paper.check_blob_name(bad, "https://h/dataset")
+
+
+def write_labels(tmp_path: Path, text: str, name: str = "labels.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_hpa_paper_labels_table_forms(tmp_path):
+    loc = tmp_path / "loc.tsv.zip"
+    loc.write_bytes(zipped({"subcellular_location.tsv": OLD_TSV.encode()}))
+    opts = hpa_paper.HpaPaperOptions(location_table=loc, label_names=("Nucleoplasm", "Cytosol"))
+    path = write_labels(tmp_path, 'Gene,label\nENSG00000001036,"Nucleoplasm;Cytosol"\nTSPAN6,\nENSG9,0|1\n')
+    assert hpa_paper.read_labels_table(path, opts) == {
+        "ENSG00000001036": "Cytosol;Nucleoplasm",
+        "ENSG00000000003": "Cell Junctions;Cytosol",  # by name, labels from the location table
+        "ENSG9": "Cytosol;Nucleoplasm",
+    }
+    tab = write_labels(tmp_path, "Gene\tLabel\nENSG1\tGolgi apparatus\n", "labels.tsv")
+    assert hpa_paper.read_labels_table(tab, hpa_paper.HpaPaperOptions()) == {"ENSG1": "Golgi apparatus"}
+    with pytest.raises(InputError, match="missing column 'label'"):
+        hpa_paper.read_labels_table(write_labels(tmp_path, "Gene,x\nA,b\n"), opts)
+
+
+def test_hpa_paper_zip_with_escaping_entry_refused(site, tmp_path):
+    url, s = site
+    evil = zipped({"hpa/ENSG1/a_blue_red_green.jpg_0.jpg": jpeg(), "../evil": b"owned"})
+    paper_site(s, evil)
+    opts = hpa_paper.HpaPaperOptions(
+        container_url=f"{url}/dataset",
+        blobs=("hpa dataSet_part1.zip",),
+        labels_table=write_labels(tmp_path, "Gene,label\nENSG1,Cytosol\n"),
+    )
+    with pytest.raises(DownloadError, match=r"unsafe zip entry '\.\./evil'"):
+        hpa_paper.acquire(tmp_path / "out", opts, downloader(tmp_path))
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "out" / "data").exists()
+
+
+def test_hpa_paper_refuses_escaping_blob_name_from_listing(site, tmp_path):
+    url, s = site
+    s.routes[LIST] = (200, listing_page([("../evil.zip", b"abc")]))
+    opts = hpa_paper.HpaPaperOptions(
+        container_url=f"{url}/dataset", blobs=(), labels_table=write_labels(tmp_path, "Gene,label\nA,b\n")
+    )
+    with pytest.raises(DownloadError, match="unsafe blob name '../evil.zip'"):
+        hpa_paper.acquire(tmp_path / "out", opts, downloader(tmp_path))
+
+
+def test_hpa_paper_acquire_end_to_end(site, tmp_path):
+    url, s = site
+    part1 = zipped(PATCH_ZIP)
+    paper_site(s, part1)
+    labels = write_labels(
+        tmp_path, "Gene,label\nENSG00000001036,Nucleoplasm\nENSG00000000003,Cytosol;Vesicles\n"
+    )
+    opts = hpa_paper.HpaPaperOptions(
+        container_url=f"{url}/dataset", blobs=("hpa dataSet_part1.zip",), labels_table=labels
+    )
+    out = tmp_path / "paper"
+    table = hpa_paper.acquire(out, opts, downloader(tmp_path))
+    assert table.columns.tolist() == list(hpa_paper.IMAGES_TSV_COLUMNS)
+    assert table["image_id"].tolist() == ["1843_B2_17_0", "1832_C1_2_0", "1832_C1_2_1"]
+    assert table["group"].tolist() == ["ENSG00000000003", "ENSG00000001036", "ENSG00000001036"]
+    assert table["labels"].tolist() == ["Cytosol;Vesicles", "Nucleoplasm", "Nucleoplasm"]
+    assert table["source_field"].iloc[1] == "1832_C1_2_blue_red_green.jpg"
+    for p in table["path"]:
+        assert Image.open(out / p).format == "JPEG"
+    written = pd.read_csv(out / "images.tsv", sep="\t", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(written, table.astype(str))
+    assert "hpa_dataSet_part2.zip" not in " ".join(s.requests)
+    again = hpa_paper.acquire(out, opts, downloader(tmp_path), limit=1)  # archive kept: not fetched again
+    assert len(s.requests["/dataset/hpa%20dataSet_part1.zip"]) == 1
+    assert again["group"].tolist() == ["ENSG00000000003"]
+
+
+def test_hpa_paper_md5_mismatch_fails(site, tmp_path):
+    url, s = site
+    part1 = zipped(PATCH_ZIP)
+    paper_site(s, part1)
+    s.routes["/dataset/hpa%20dataSet_part1.zip"] = (
+        200,
+        part1[:100] + bytes([part1[100] ^ 0xFF]) + part1[101:],
+    )
+    opts = hpa_paper.HpaPaperOptions(
+        container_url=f"{url}/dataset",
+        blobs=("hpa dataSet_part1.zip",),
+        labels_table=write_labels(tmp_path, "Gene,label\nENSG1,x\n"),
+    )
+    with pytest.raises(DownloadError, match="Content-MD5 mismatch"):
+        hpa_paper.acquire(tmp_path / "out", opts, downloader(tmp_path))
+    with pytest.raises(DownloadError, match="not in the listing: nope.zip"):
+        hpa_paper.acquire(
+            tmp_path / "out",
+            hpa_paper.HpaPaperOptions(
+                container_url=f"{url}/dataset", blobs=("nope.zip",), labels_table=opts.labels_table
+            ),
+            downloader(tmp_path),
+        )

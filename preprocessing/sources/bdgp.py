@@ -304,8 +304,13 @@ def _image_ids(groups: pd.DataFrame) -> list[str]:
 
 
 def _fetch_table(downloader: Downloader, url: str, dest: Path) -> bytes:
+    """Download a table (gzip expected, plain text tolerated); an HTML page is deleted and refused."""
     downloader.fetch(url, dest)
-    return dest.read_bytes()
+    data = dest.read_bytes()
+    if sniff(data[:1024]) == "html":
+        dest.unlink()
+        raise DownloadError(f"{url}: got an HTML page, not a table")
+    return data
 
 
 def acquire(

@@ -156,12 +156,9 @@ def parse_location_table(table: pd.DataFrame, reliability: Sequence[str], name: 
     if "Main location" in table.columns:
         cols = [c for c in NEW_LOCATION_COLUMNS if c in table.columns]
     else:
-        cols = [
-            c
-            for c in table.columns
-            if _norm_level(c) in wanted and _norm_level(c) in map(_norm_level, LEVELS)
-        ]
-        if not any(_norm_level(c) in map(_norm_level, LEVELS) for c in table.columns):
+        levels = {_norm_level(x) for x in LEVELS}
+        cols = [c for c in table.columns if _norm_level(c) in wanted & levels]
+        if not any(_norm_level(c) in levels for c in table.columns):
             raise InputError(f"{name}: no location columns (neither 'Main location' nor reliability levels)")
     rows = []
     for _, row in table.iterrows():

@@ -1,0 +1,304 @@
+"""The ``hpa_paper`` source: the HAMIL authors' published 512x512 HPA patches (an Azure blob container).
+
+The container is listed (``?restype=container&comp=list``, page by page through ``NextMarker``, parsed
+without relying on XML namespaces); the chosen zip blobs are downloaded with their listed size and
+``Content-MD5`` checked, and extracted with :func:`preprocessing.download.safe_extract_zip` into
+``<out_dir>/data``. Blob names come from a remote listing: one that could escape the data folder is
+refused. Patches are laid out ``hpa/<ENSG>/<plate>_<well>_<field>_blue_red_green.jpg_<k>.jpg``; each
+becomes one row of ``images.tsv`` with ``group`` = the ENSG id and ``source_field`` = the field name.
+
+Labels come from a user-given ``Gene,label`` table. Its exact form is *unconfirmed*, so: comma or tab
+delimited; ``Gene`` may be an ENSG id or a gene name; ``label`` may hold location names separated by
+``;``, ``|`` or ``,``, or integer class indices (mapped through ``label_names`` when given). With the HPA
+location table (``location_table``, the zipped or plain TSV), gene names are mapped to ENSG ids and genes
+with an empty label take their locations from it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import urllib.parse
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from preprocessing.download import Downloader, DownloadError, DownloadPolicy, safe_extract_zip, sniff
+from preprocessing.errors import InputError
+from preprocessing.io import write_tsv
+from preprocessing.sources import hpa
+
+__all__ = [
+    "IMAGES_TSV_COLUMNS",
+    "BlobInfo",
+    "HpaPaperOptions",
+    "acquire",
+    "blob_url",
+    "check_blob_name",
+    "list_blobs",
+    "parse_listing",
+    "read_labels_table",
+    "scan_patches",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGES_TSV_COLUMNS: tuple[str, ...] = ("image_id", "group", "path", "labels", "source_field")
+PATCH_RE = re.compile(r"^(?P<field>(?P<stem>.+?)_blue_red_green\.jpg)_(?P<k>\d+)\.jpg$", re.IGNORECASE)
+GENE_DIR_RE = re.compile(r"^ENSG\d+$")
+
+
+@dataclass(frozen=True)
+class HpaPaperOptions:
+    """Which container and blobs to fetch, and where the per-gene labels come from."""
+
+    container_url: str = "https://bioimagestore.blob.core.windows.net/dataset"
+    blobs: tuple[str, ...] = (
+        "hpa dataSet_part1.zip",
+        "hpa_dataSet_part2.zip",
+        "hpa_dataSet_part3.zip",
+        "hpa_dataSet_part4.zip",
+    )  # empty: every .zip blob of the listing
+    labels_table: Path | None = None  # the Gene,label table (required)
+    location_table: Path | None = None  # HPA subcellular_location.tsv(.zip): names -> ENSG, empty labels
+    reliability: tuple[str, ...] = ("Enhanced", "Validated", "Supported", "Approved")
+    label_names: tuple[str, ...] = ()  # class names when the labels table holds integer indices
+    x_ms_version: str = "2020-10-02"
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One blob of a container listing."""
+
+    name: str
+    size: int | None
+    md5_b64: str | None
+
+
+# --------------------------------------------------------------------------------------------- listing
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _child_text(elem: ET.Element, name: str) -> str:
+    for child in elem:
+        if _local(child.tag) == name:
+            return (child.text or "").strip()
+    return ""
+
+
+def parse_listing(data: bytes, url: str = "listing") -> tuple[list[BlobInfo], str]:
+    """Blobs of one ``List Blobs`` page and its ``NextMarker`` (``""`` on the last page).
+
+    Elements are matched by local name, so a namespaced answer parses the same.
+    """
+    try:
+        root = ET.fromstring(data.lstrip(b"\xef\xbb\xbf"))
+    except ET.ParseError as err:
+        raise DownloadError(f"{url}: not a blob listing ({err})") from None
+    if _local(root.tag) != "EnumerationResults":
+        raise DownloadError(f"{url}: not a blob listing (root <{_local(root.tag)}>)")
+    blobs, marker = [], ""
+    for elem in root.iter():
+        tag = _local(elem.tag)
+        if tag == "NextMarker":
+            marker = (elem.text or "").strip()
+        elif tag == "Blob":
+            props = next((c for c in elem if _local(c.tag) == "Properties"), None)
+            length = _child_text(props, "Content-Length") if props is not None else ""
+            md5 = _child_text(props, "Content-MD5") if props is not None else ""
+            blobs.append(
+                BlobInfo(_child_text(elem, "Name"), int(length) if length.isdigit() else None, md5 or None)
+            )
+    return blobs, marker
+
+
+def list_blobs(downloader: Downloader, container_url: str, x_ms_version: str) -> list[BlobInfo]:
+    """Every blob of the container, following ``NextMarker`` page after page."""
+    base = container_url.rstrip("/") + "?restype=container&comp=list"
+    blobs: list[BlobInfo] = []
+    marker, seen = "", set()
+    while True:
+        url = base + (f"&marker={urllib.parse.quote(marker, safe='')}" if marker else "")
+        page, marker = parse_listing(downloader.get_bytes(url, {"x-ms-version": x_ms_version}), url)
+        blobs += page
+        if not marker:
+            return blobs
+        if marker in seen:
+            raise DownloadError(f"{url}: listing repeats marker {marker!r}")
+        seen.add(marker)
+
+
+def check_blob_name(name: str, container_url: str = "") -> str:
+    """Return ``name`` if it is a safe relative path; :class:`DownloadError` if it could escape a folder."""
+    parts = name.replace("\\", "/").split("/")
+    bad = (
+        not name.strip()
+        or name.startswith(("/", "\\"))
+        or re.match(r"^[A-Za-z]:", name) is not None
+        or "\x00" in name
+        or any(p in ("", ".", "..") for p in parts)
+    )
+    if bad:
+        raise DownloadError(f"{container_url}: unsafe blob name {name!r}")
+    return name
+
+
+def blob_url(container_url: str, name: str) -> str:
+    """URL of a blob: the name percent-encoded (a space becomes ``%20``), ``/`` kept."""
+    return f"{container_url.rstrip('/')}/{urllib.parse.quote(name, safe='/')}"
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def _read_any_table(path: Path) -> pd.DataFrame:
+    """A comma- or tab-separated table (or a zip holding one), all strings."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    data = path.read_bytes()
+    if sniff(data[:8]) == "zip":
+        return hpa.read_location_zip(data, str(path))
+    text = data.decode("utf-8-sig", errors="replace")
+    first = text.split("\n", 1)[0]
+    try:
+        return pd.read_csv(
+            io.StringIO(text), sep="\t" if "\t" in first else ",", dtype=str, keep_default_na=False
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"{path}: not a readable table ({str(err).splitlines()[0]})") from None
+
+
+def _column(table: pd.DataFrame, names: tuple[str, ...], path: Path) -> str:
+    found = {c.strip().lower(): c for c in table.columns}
+    for name in names:
+        if name in found:
+            return found[name]
+    raise InputError(f"{path}: missing column {names[0]!r} (columns: {', '.join(map(str, table.columns))})")
+
+
+def read_labels_table(path: Path, options: HpaPaperOptions) -> dict[str, str]:
+    """``{ENSG: "loc1;loc2"}`` from the user's ``Gene,label`` table (see the module docstring)."""
+    table = _read_any_table(Path(path))
+    gene_col = _column(table, ("gene", "ensg", "gene id"), path)
+    label_col = _column(table, ("label", "labels", "location", "locations"), path)
+    names: dict[str, str] = {}
+    locations: dict[str, str] = {}
+    if options.location_table is not None:
+        raw = _read_any_table(Path(options.location_table))
+        locs = hpa.parse_location_table(raw, options.reliability, str(options.location_table))
+        locations = dict(zip(locs["gene"], locs["labels"], strict=True))
+        if "Gene name" in raw.columns:
+            names = {
+                n.strip(): g.strip() for g, n in zip(raw["Gene"], raw["Gene name"], strict=True) if n.strip()
+            }
+    out: dict[str, str] = {}
+    for gene, cell in zip(table[gene_col], table[label_col], strict=True):
+        gene = gene.strip()
+        gene = gene if GENE_DIR_RE.match(gene) else names.get(gene, gene)
+        tokens = [t.strip() for t in re.split(r"[;|,]", cell) if t.strip()]
+        tokens = [_label_name(t, options.label_names, path) for t in tokens]
+        labels = ";".join(sorted(set(tokens))) if tokens else locations.get(gene, "")
+        if gene:
+            out[gene] = labels
+    return out
+
+
+def _label_name(token: str, label_names: tuple[str, ...], path: Path) -> str:
+    if label_names and token.isdigit():
+        if int(token) >= len(label_names):
+            raise InputError(f"{path}: label index {token} out of range for {len(label_names)} label_names")
+        return label_names[int(token)]
+    return token
+
+
+# -------------------------------------------------------------------------------------------- patches
+
+
+def scan_patches(data_dir: Path) -> pd.DataFrame:
+    """``image_id, group, path, source_field`` of every ``<ENSG>/<field>_blue_red_green.jpg_<k>.jpg``.
+
+    ``path`` is relative to ``data_dir``; ``image_id`` is ``<field stem>_<k>`` (prefixed with the gene
+    when two genes share it). Sorted by group, field and patch number.
+    """
+    rows = []
+    for path in sorted(Path(data_dir).rglob("*.jpg")):
+        match = PATCH_RE.match(path.name)
+        if not match or not GENE_DIR_RE.match(path.parent.name):
+            continue
+        rel = path.relative_to(data_dir).as_posix()
+        rows.append((f"{match['stem']}_{match['k']}", path.parent.name, rel, match["field"], int(match["k"])))
+    table = pd.DataFrame(rows, columns=["image_id", "group", "path", "source_field", "k"])
+    table = table.sort_values(["group", "source_field", "k"], ignore_index=True).drop(columns="k")
+    dup = table["image_id"].duplicated(keep=False)
+    table.loc[dup, "image_id"] = table.loc[dup, "group"] + "_" + table.loc[dup, "image_id"]
+    return table
+
+
+# ------------------------------------------------------------------------------------------ acquisition
+
+
+def _select(listing: list[BlobInfo], wanted: tuple[str, ...], container_url: str) -> list[BlobInfo]:
+    by_name = {b.name: b for b in listing}
+    if not wanted:
+        wanted = tuple(b.name for b in listing if b.name.lower().endswith(".zip"))
+    missing = [w for w in wanted if w not in by_name]
+    if missing:
+        raise DownloadError(f"{container_url}: blob(s) not in the listing: {', '.join(missing)}")
+    return [by_name[check_blob_name(w, container_url)] for w in wanted]
+
+
+def acquire(
+    out_dir: Path, options: HpaPaperOptions, downloader: Downloader | None = None, limit: int | None = None
+) -> pd.DataFrame:
+    """Download and unpack the authors' patch archives and write ``<out_dir>/images.tsv``; return it.
+
+    Archives go to ``<out_dir>/raw/blobs/<name>`` (size and Content-MD5 checked; resumed if interrupted)
+    and are unpacked once into ``<out_dir>/data``. Genes without a label are left out (logged). ``limit``
+    keeps the first ``limit`` genes of the table; the archives are still downloaded whole.
+    """
+    if options.labels_table is None:
+        raise InputError("hpa_paper: labels_table (a Gene,label table) is required")
+    labels = read_labels_table(Path(options.labels_table), options)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if downloader is None:
+        downloader = Downloader(DownloadPolicy(concurrency=4), manifest=out_dir / "manifest.tsv")
+    headers = {"x-ms-version": options.x_ms_version}
+    chosen = _select(
+        list_blobs(downloader, options.container_url, options.x_ms_version),
+        options.blobs,
+        options.container_url,
+    )
+    data_dir = out_dir / "data"
+    for blob in chosen:
+        archive = out_dir / "raw" / "blobs" / blob.name
+        url = blob_url(options.container_url, blob.name)
+        downloader.fetch(url, archive, expect="zip", size=blob.size, md5_b64=blob.md5_b64, headers=headers)
+        done = archive.with_name(archive.name + ".extracted")
+        if not done.is_file() or done.stat().st_mtime < archive.stat().st_mtime:
+            safe_extract_zip(archive, data_dir)
+            done.write_text(f"{url}\n")
+    patches = scan_patches(data_dir)
+    if patches.empty:
+        raise InputError(f"{data_dir}: no patch named <ENSG>/<field>_blue_red_green.jpg_<k>.jpg found")
+    patches["labels"] = [labels.get(g, "") for g in patches["group"]]
+    unlabelled = sorted(set(patches.loc[patches["labels"] == "", "group"]))
+    if unlabelled:
+        log.warning(
+            "hpa_paper: %d genes without a label left out (first: %s)", len(unlabelled), unlabelled[0]
+        )
+    patches = patches[patches["labels"] != ""]
+    if limit is not None:
+        patches = patches[patches["group"].isin(sorted(patches["group"].unique())[: max(0, limit)])]
+    if patches.empty:
+        raise InputError(f"{options.labels_table}: no gene of the patches has a label")
+    table = patches.assign(path=["data/" + p for p in patches["path"]])[list(IMAGES_TSV_COLUMNS)]
+    table = table.reset_index(drop=True)
+    write_tsv(table, out_dir / "images.tsv")
+    return table
