@@ -71,10 +71,43 @@ def cmd_download(args: argparse.Namespace) -> None:
             "folder: %d images of %d groups -> %s/images.tsv", len(table), table["group"].nunique(), args.out
         )
         return
-    raise InputError(
-        f"hamil download {args.source}: downloading real data is not built yet in this version; "
-        "use `hamil synth` or your own images (`hamil download folder`)"
+    import importlib
+
+    module = importlib.import_module(f"preprocessing.sources.{args.source}")
+    options_cls = next(
+        v for k, v in vars(module).items() if k.endswith("Options") and dataclasses.is_dataclass(v)
     )
+    table = module.acquire(Path(args.out), _options_from_json(options_cls, args.options), limit=args.limit)
+    log.info(
+        "%s: %d images of %d groups -> %s/images.tsv",
+        args.source,
+        len(table),
+        table["group"].nunique(),
+        args.out,
+    )
+
+
+def _options_from_json(cls: type, text: str) -> Any:
+    """A source's options dataclass from a JSON object; unknown keys are named; lists become tuples."""
+    try:
+        values = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise InputError(f"--options is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise InputError("--options must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(
+            f"unknown {cls.__name__} option(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+        elif isinstance(value, str) and Path in typing.get_args(hints[key]):
+            values[key] = Path(value)
+    return cls(**values)
 
 
 def cmd_crop(args: argparse.Namespace) -> None:
@@ -183,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bad-fraction", type=float, default=0.0, help="folder: skip up to this many bad images"
     )
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--limit", type=int, help="hpa, hpa_paper, bdgp: only the first N groups (a quick try)")
+    p.add_argument("--options", default="{}", help="hpa, hpa_paper, bdgp: source options as a JSON object")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("crop", help="cut cell patches from one shard of images.tsv")

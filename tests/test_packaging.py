@@ -57,12 +57,31 @@ def test_preprocessing_never_imports_torch():
     )
 
 
-@pytest.mark.parametrize("stage", ["download", "predict"])
-def test_unbuilt_stages_say_so(stage, capsys):
-    args = [stage, "hpa"] if stage == "download" else [stage]
-    assert main(args) == 2
+def test_unbuilt_stages_say_so(capsys):
+    assert main(["predict"]) == 2
     err = capsys.readouterr().err
     assert "not built yet" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ('{"base_urll": "http://x"}', "unknown BdgpOptions option(s): base_urll; valid: "),
+        ("{not json", "--options is not valid JSON"),
+        ("[1, 2]", "--options must be a JSON object"),
+    ],
+)
+def test_download_options_are_checked(tmp_path, capsys, options, needle):
+    assert main(["download", "bdgp", "--out", str(tmp_path), "--options", options]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_download_a_source_that_cannot_be_reached_fails_with_the_url(tmp_path, capsys):
+    options = '{"base_url": "http://127.0.0.1:9", "min_interval": 0}'  # port 9: nothing listens
+    assert main(["download", "bdgp", "--out", str(tmp_path), "--options", options]) == 2
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9/" in err and err.count("\n") == 1
 
 
 def test_crop_with_a_bad_images_table_is_one_line(tmp_path, capsys):

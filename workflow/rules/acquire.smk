@@ -39,7 +39,10 @@ rule download:
     params:
         source=lambda w: ds_config(w.ds)["source"],
         options=lambda w: cli_options(
-            {k: ds_config(w.ds).get(k) for k in ("table", "image_root", "max_bad_fraction")}
+            {
+                **{k: ds_config(w.ds).get(k) for k in ("table", "image_root", "max_bad_fraction")},
+                "options": ds_config(w.ds).get("download"),
+            }
         ),
     resources:
         http=1,
