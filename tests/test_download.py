@@ -7,15 +7,11 @@ import gzip
 import hashlib
 import io
 import socket
-import threading
 import time
 import zipfile
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from email.message import Message
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -37,70 +33,7 @@ BODY = bytes(range(256)) * 400  # 102,400 bytes: several read chunks
 HTML = b"<!DOCTYPE html><html><head><title>Error</title></head><body>Try later</body></html>"
 FAST = DownloadPolicy(retries=2, backoff=0.001, max_backoff=5.0, timeout=5.0)
 
-Route = Callable[["Handler", int], None]
-
-
-class Script:
-    """What the server does per path, and what it saw (headers and start time of every request)."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, Route] = {}
-        self.headers: dict[str, list[Message]] = defaultdict(list)
-        self.starts: dict[str, list[float]] = defaultdict(list)
-        self.lock = threading.Lock()
-        self.active = 0
-        self.max_active = 0
-
-    def count(self, path: str) -> int:
-        return len(self.headers[path])
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        script = self.server.script
-        with script.lock:
-            n = script.count(self.path)
-            script.headers[self.path].append(self.headers)  # case-insensitive lookups
-            script.starts[self.path].append(time.monotonic())
-            script.active += 1
-            script.max_active = max(script.max_active, script.active)
-        try:
-            script.routes.get(self.path, lambda h, n: h.send_error(404))(self, n)
-        finally:
-            with script.lock:
-                script.active -= 1
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    script: Script
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients that time out leave broken pipes behind: not interesting here
-
-
-def send(
-    h: Handler,
-    body: bytes,
-    status: int = 200,
-    ctype: str = "application/octet-stream",
-    headers: dict[str, str] | None = None,
-    length: int | None = None,
-) -> None:
-    """Answer with ``body``; ``length`` announces a different Content-Length (a dropped connection)."""
-    h.send_response(status)
-    h.send_header("Content-Type", ctype)
-    h.send_header("Content-Length", str(len(body) if length is None else length))
-    for key, value in (headers or {}).items():
-        h.send_header(key, value)
-    h.end_headers()
-    h.wfile.write(body)
-    h.wfile.flush()
+from localhttp import Handler, Script, send, serve  # noqa: E402
 
 
 def serve_ranges(h: Handler, body: bytes) -> None:
@@ -122,16 +55,8 @@ def drop_half(h: Handler, body: bytes) -> None:
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    httpd = _Server(("127.0.0.1", 0), Handler)
-    httpd.script = Script()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.script
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(monkeypatch) as running:
+        yield running
 
 
 def make_downloader(tmp_path: Path | None = None, sleeps: list[float] | None = None, **policy) -> Downloader:
@@ -209,8 +134,8 @@ def test_resume_answered_206_is_appended(server, tmp_path):
     served: list[int] = []
 
     def route(h: Handler, n: int) -> None:
+        served.append(int(h.headers["Range"].removeprefix("bytes=").rstrip("-")))  # before answering
         serve_ranges(h, BODY)
-        served.append(int(h.headers["Range"].removeprefix("bytes=").rstrip("-")))
 
     script.routes["/big"] = route
     dest = tmp_path / "big"

@@ -9,17 +9,14 @@ import base64
 import gzip
 import hashlib
 import io
-import threading
 import zipfile
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from localhttp import Script, serve  # noqa: E402
 from PIL import Image
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy
@@ -33,62 +30,10 @@ HTML = b"<!DOCTYPE html><html><head><title>Oops</title></head><body>Not found</b
 # ------------------------------------------------------------------------------------------ local server
 
 
-class Site:
-    """What the server answers per path (query string included), and which paths were requested."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, Callable[[BaseHTTPRequestHandler], None] | tuple[int, bytes]] = {}
-        self.requests: dict[str, list[Message]] = defaultdict(list)
-        self.lock = threading.Lock()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        site = self.server.site
-        with site.lock:
-            site.requests[self.path].append(self.headers)  # case-insensitive lookups
-        route = site.routes.get(self.path)
-        if route is None:
-            self.send_error(404)
-        elif callable(route):
-            route(self)
-        else:
-            reply(self, route[1], route[0])
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    site: Site
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass
-
-
-def reply(h: BaseHTTPRequestHandler, body: bytes, status: int = 200) -> None:
-    h.send_response(status)
-    h.send_header("Content-Type", "application/octet-stream")
-    h.send_header("Content-Length", str(len(body)))
-    h.end_headers()
-    h.wfile.write(body)
-
-
 @pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Site]]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.site = Site()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.site
-    httpd.shutdown()
-    httpd.server_close()
+def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
+    with serve(monkeypatch) as running:
+        yield running
 
 
 def downloader(tmp_path: Path) -> Downloader:
@@ -185,7 +130,7 @@ def test_bdgp_groups_drop_terms_and_filter_views():
     assert dorsal["path"].tolist() == ["img_dir_10/insitu10384.jpe"]
 
 
-def bdgp_site(site: Site, bad: bool = True) -> None:
+def bdgp_site(site: Script, bad: bool = True) -> None:
     site.routes["/insitu-mysql-dump/insitu_annot.csv.gz"] = (200, annot_bytes("\t"))
     site.routes["/insitu-mysql-dump/insitu_images.csv.gz"] = (200, images_bytes())
     for k, row in enumerate(IMAGE_ROWS):
@@ -391,7 +336,7 @@ def test_hpa_channel_urls_composite_per_channel_and_mirror():
         hpa.HpaOptions(channels=("purple",)).validate()
 
 
-def hpa_site(url: str, site: Site, new_path: bool = False) -> None:
+def hpa_site(url: str, site: Script, new_path: bool = False) -> None:
     genes = ["ENSG00000000003", "ENSG00000001036"]
     table = zipped({"subcellular_location.tsv": OLD_TSV.encode()})
     if new_path:
@@ -411,7 +356,7 @@ def test_hpa_acquire_falls_back_to_old_table_path(site, tmp_path):
     hpa_site(url, s)
     out = tmp_path / "hpa"
     table = hpa.acquire(out, hpa.HpaOptions(base_url=url), downloader(tmp_path))
-    assert s.requests["/download/tsv/subcellular_location.tsv.zip"]
+    assert s.headers["/download/tsv/subcellular_location.tsv.zip"]
     assert table.columns.tolist() == list(hpa.IMAGES_TSV_COLUMNS)
     assert table["image_id"].tolist() == [
         "4109_1832_C1_2",
@@ -428,7 +373,7 @@ def test_hpa_acquire_falls_back_to_old_table_path(site, tmp_path):
     pd.testing.assert_frame_equal(written, table.astype(str))
     bad_genes = pd.read_csv(out / "rejected_genes.tsv", sep="\t", dtype=str)
     assert bad_genes["gene"].tolist() == ["ENSG00000000003"] and "404" in bad_genes["reason"].iloc[0]
-    assert "/9_A1_1_" not in " ".join(s.requests)  # the mouse sub-assay is not fetched
+    assert "/9_A1_1_" not in " ".join(s.headers)  # the mouse sub-assay is not fetched
 
 
 def test_hpa_acquire_per_channel_new_path_and_mirror(site, tmp_path):
@@ -436,7 +381,7 @@ def test_hpa_acquire_per_channel_new_path_and_mirror(site, tmp_path):
     hpa_site("https://images.proteinatlas.org", s, new_path=True)
     opts = hpa.HpaOptions(base_url=url, image_base_url=url, channels=("blue", "green"), max_genes=5)
     table = hpa.acquire(tmp_path, opts, downloader(tmp_path), limit=2)
-    assert "/download/subcellular_location.tsv.zip" not in s.requests
+    assert "/download/subcellular_location.tsv.zip" not in s.headers
     assert {"path_blue", "path_green", "url_blue", "url_green"} <= set(table.columns)
     assert table["path"].tolist() == table["path_blue"].tolist()
     assert all((tmp_path / p).is_file() for p in table["path_green"])
@@ -500,7 +445,7 @@ PATCH_ZIP = {
 LIST = "/dataset?restype=container&comp=list"
 
 
-def paper_site(site: Site, part1: bytes) -> None:
+def paper_site(site: Script, part1: bytes) -> None:
     site.routes[LIST] = (
         200,
         listing_page([("hpa dataSet_part1.zip", part1), ("readme.txt", None)], "2!72!MDAw"),
@@ -520,7 +465,7 @@ def test_hpa_paper_listing_two_pages_and_namespaces(site):
         and blobs[0].md5_b64 == base64.b64encode(hashlib.md5(part1).digest()).decode()
     )
     assert blobs[1].md5_b64 is None
-    pages = s.requests[LIST] + s.requests[LIST + "&marker=2%2172%21MDAw"]
+    pages = s.headers[LIST] + s.headers[LIST + "&marker=2%2172%21MDAw"]
     assert len(pages) == 2 and all(h["x-ms-version"] == "2020-10-02" for h in pages)
     ns_blobs, marker = hpa_paper.parse_listing(listing_page([("a.zip", b"abc")], "m1", namespace=True))
     assert [b.name for b in ns_blobs] == ["a.zip"] and marker == "m1"
@@ -607,9 +552,9 @@ def test_hpa_paper_acquire_end_to_end(site, tmp_path):
         assert Image.open(out / p).format == "JPEG"
     written = pd.read_csv(out / "images.tsv", sep="\t", dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(written, table.astype(str))
-    assert "hpa_dataSet_part2.zip" not in " ".join(s.requests)
+    assert "hpa_dataSet_part2.zip" not in " ".join(s.headers)
     again = hpa_paper.acquire(out, opts, downloader(tmp_path), limit=1)  # archive kept: not fetched again
-    assert len(s.requests["/dataset/hpa%20dataSet_part1.zip"]) == 1
+    assert len(s.headers["/dataset/hpa%20dataSet_part1.zip"]) == 1
     assert again["group"].tolist() == ["ENSG00000000003"]
 
 

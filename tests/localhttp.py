@@ -1,0 +1,104 @@
+"""A scripted HTTP server on 127.0.0.1 for the download and source tests (real sockets, no internet).
+
+A test sets ``script.routes[path]`` to ``(status, body)`` or to ``route(handler, n)`` (``n``: how many
+requests for that path came before), and reads back what the server saw: ``script.headers[path]`` (one
+entry per request), ``script.starts`` and ``script.max_active``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+Route = Callable[["Handler", int], None]
+
+
+class Script:
+    """What the server does per path, and what it saw (headers and start time of every request)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route | tuple[int, bytes]] = {}
+        self.headers: dict[str, list[Message]] = defaultdict(list)
+        self.starts: dict[str, list[float]] = defaultdict(list)
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+
+    def count(self, path: str) -> int:
+        return len(self.headers[path])
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        script = self.server.script
+        with script.lock:
+            n = script.count(self.path)
+            script.headers[self.path].append(self.headers)  # case-insensitive lookups
+            script.starts[self.path].append(time.monotonic())
+            script.active += 1
+            script.max_active = max(script.max_active, script.active)
+        try:
+            route = script.routes.get(self.path, lambda h, n: h.send_error(404))
+            if isinstance(route, tuple):  # (status, body)
+                send(self, route[1], route[0])
+            else:
+                route(self, n)
+        finally:
+            with script.lock:
+                script.active -= 1
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    script: Script
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that time out leave broken pipes behind: not interesting here
+
+
+def send(
+    h: Handler,
+    body: bytes,
+    status: int = 200,
+    ctype: str = "application/octet-stream",
+    headers: dict[str, str] | None = None,
+    length: int | None = None,
+) -> None:
+    """Answer with ``body``; ``length`` announces a different Content-Length (a dropped connection)."""
+    h.send_response(status)
+    h.send_header("Content-Type", ctype)
+    h.send_header("Content-Length", str(len(body) if length is None else length))
+    for key, value in (headers or {}).items():
+        h.send_header(key, value)
+    h.end_headers()
+    h.wfile.write(body)
+    h.wfile.flush()
+
+
+@contextlib.contextmanager
+def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
+    """Run the server for the duration of the block; yield its base URL and its script."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    httpd = _Server(("127.0.0.1", 0), Handler)
+    httpd.script = Script()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.script
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
