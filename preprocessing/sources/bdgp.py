@@ -33,6 +33,7 @@ import pandas as pd
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, FetchItem, sniff
 from preprocessing.errors import InputError
 from preprocessing.io import write_tsv
+from preprocessing.sources.common import finish_downloads
 
 __all__ = [
     "ANNOT_COLUMNS",
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 STAGE_RANGES: dict[int, str] = {1: "1-3", 2: "4-6", 3: "7-8", 4: "9-10", 5: "11-12", 6: "13-16"}
 ANNOT_COLUMNS: tuple[str, ...] = ("symbol", "cg", "fbgn", "stage", "term")
 IMAGES_TSV_COLUMNS: tuple[str, ...] = ("image_id", "group", "path", "labels", "gene", "stage", "view", "url")
-REJECTED_COLUMNS: tuple[str, ...] = ("image_id", "url", "reason")
 VIEW_WORDS: tuple[str, ...] = ("lateral", "dorsal", "ventral", "anterior", "posterior")
 PATH_RE = re.compile(r"^(?:[\w.-]+/)*[\w.-]+\.(?:jpe|jpg|jpeg|png|tif|tiff)$", re.IGNORECASE)
 CG_RE = re.compile(r"^CG\d+$")
@@ -367,16 +367,6 @@ def _download_images(
     items = [
         FetchItem(u, out_dir / p, expect="jpeg") for u, p in zip(table["url"], table["path"], strict=True)
     ]
-    results = downloader.fetch_many(items)
-    bad = [(table["image_id"].iloc[i], r.item.url, r.error) for i, r in enumerate(results) if r.error]
-    rejected = pd.DataFrame(bad, columns=list(REJECTED_COLUMNS), dtype=str)
-    write_tsv(rejected, out_dir / "rejected.tsv")
-    n, k = len(items), len(bad)
-    if k and (k == n or k / n > max_bad_fraction):
-        raise DownloadError(
-            f"{what}: {k} of {n} images failed, first: {bad[0][2]}; full list in {out_dir}/rejected.tsv"
-        )
-    if k:
-        log.warning("skipped %d of %d images that failed, listed in %s/rejected.tsv", k, n, out_dir)
-    ok = [r.error is None for r in results]
-    return table[ok].reset_index(drop=True)
+    return finish_downloads(
+        table, items, list(range(len(items))), out_dir, downloader, max_bad_fraction, what
+    )

@@ -33,6 +33,7 @@ import pandas as pd
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, FetchItem
 from preprocessing.errors import InputError
 from preprocessing.io import write_json, write_tsv
+from preprocessing.sources.common import finish_downloads
 
 __all__ = [
     "CHANNELS",
@@ -42,7 +43,6 @@ __all__ = [
     "acquire",
     "channel_urls",
     "fetch_location_table",
-    "finish_downloads",
     "parse_gene_xml",
     "parse_location_table",
     "read_location_zip",
@@ -62,7 +62,6 @@ IMAGES_TSV_COLUMNS: tuple[str, ...] = (
     "cell_line",
     "url",
 )
-REJECTED_COLUMNS: tuple[str, ...] = ("image_id", "url", "reason")
 LEVELS: tuple[str, ...] = ("Enhanced", "Validated", "Supported", "Approved", "Uncertain")
 # the top level was called "Validated" in v17 and "Enhanced" from v18: asking for one accepts both
 SYNONYMS: dict[str, str] = {"validated": "enhanced"}
@@ -295,39 +294,6 @@ def image_id_of(image_url: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- acquisition
-
-
-def finish_downloads(
-    table: pd.DataFrame,
-    items: list[FetchItem],
-    rows: list[int],
-    out_dir: Path,
-    downloader: Downloader,
-    max_bad_fraction: float,
-    what: str,
-) -> pd.DataFrame:
-    """Fetch ``items`` (``rows[i]`` = the table row of item ``i``); drop rows with a failed item.
-
-    Failures go to ``<out_dir>/rejected.tsv`` (``image_id, url, reason``); :class:`DownloadError` when
-    more than ``max_bad_fraction`` of the rows (or all) failed.
-    """
-    results = downloader.fetch_many(items)
-    failed: dict[int, tuple[str, str, str]] = {}
-    for row, res in zip(rows, results, strict=True):
-        if res.error and row not in failed:
-            failed[row] = (table["image_id"].iloc[row], res.item.url, res.error)
-    rejected = pd.DataFrame(list(failed.values()), columns=list(REJECTED_COLUMNS), dtype=str)
-    write_tsv(rejected, out_dir / "rejected.tsv")
-    n, k = len(table), len(failed)
-    if k and (k == n or k / n > max_bad_fraction):
-        first = next(iter(failed.values()))
-        raise DownloadError(
-            f"{what}: {k} of {n} images failed, first: {first[2]}; full list in {out_dir}/rejected.tsv"
-        )
-    if k:
-        log.warning("skipped %d of %d images that failed, listed in %s/rejected.tsv", k, n, out_dir)
-    keep = [i not in failed for i in range(n)]
-    return table[keep].reset_index(drop=True)
 
 
 def _gene_images(
