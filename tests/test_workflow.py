@@ -168,3 +168,27 @@ def test_own_folder_binary_screening(tmp_path):
     assert {"macro_auc", "macro_f1", "micro_f1", "subset_accuracy"} <= set(metrics)
     bags = pd.read_csv(tmp_path / "data/processed/screen/bags.tsv", sep="\t", keep_default_na=False)
     assert len(bags) == 12 and (bags["labels"] == "").sum() == 8
+
+
+def test_a_configfile_replaces_the_full_reproduction(tmp_path):
+    """Run from the repository: --configfile must not be merged into config/config.yaml's datasets."""
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/tiny.yaml"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "synth" in proc.stdout and "download" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_shards_sized_by_fields(tmp_path):
+    config = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    dataset = config["datasets"]["tiny"]
+    del dataset["shards"]
+    dataset["fields_per_shard"] = 5
+    path = tmp_path / "sized.yaml"
+    path.write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "bags", "--cores", "2", "--configfile", str(path))
+    fields = len(pd.read_csv(tmp_path / "data/raw/tiny/images.tsv", sep="\t"))
+    shards = sorted((tmp_path / "data/interim/tiny/patches").glob("*.tsv"))
+    shards = [s for s in shards if not s.name.endswith(".rejected.tsv")]
+    assert len(shards) == -(-fields // 5) > 1
+    assert (tmp_path / "data/processed/tiny.zarr").is_dir()

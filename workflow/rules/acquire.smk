@@ -12,7 +12,7 @@ rule acquire:
         expand("data/raw/{ds}/images.tsv", ds=DATASETS),
 
 
-rule synth:
+checkpoint synth:
     output:
         images="data/raw/{ds}/images.tsv",
         boxes="data/raw/{ds}/boxes.tsv",
@@ -31,7 +31,7 @@ rule synth:
         "hamil synth --out data/raw/{wildcards.ds} --workers {threads} {params.options} > {log} 2>&1"
 
 
-rule download:
+checkpoint download:
     output:
         images="data/raw/{ds}/images.tsv",
     wildcard_constraints:

@@ -41,7 +41,19 @@ def cli_options(values):
 
 
 def shards(ds):
-    return range(int(ds_config(ds).get("shards", 1)))
+    """Shard indices of a dataset: `shards` from config, or enough for `fields_per_shard` fields each.
+
+    Sizing by `fields_per_shard` reads images.tsv, so the acquire job is a checkpoint: the crop jobs of
+    such a dataset appear in the DAG once it has run (a dry run stops at acquire).
+    """
+    cfg = ds_config(ds)
+    if "fields_per_shard" not in cfg:
+        return range(int(cfg.get("shards", 1)))
+    acquire = checkpoints.synth if cfg["source"] == "synthetic" else checkpoints.download
+    images = acquire.get(ds=ds).output.images
+    with open(images) as fh:
+        fields = max(sum(1 for _ in fh) - 1, 0)  # rows after the header
+    return range(max(1, -(-fields // int(cfg["fields_per_shard"]))))
 
 
 def run_dirs(pattern):

@@ -3,7 +3,7 @@
 
 rule crop:
     input:
-        [f"data/interim/{ds}/patches/{k}.tsv" for ds in DATASETS for k in shards(ds)],
+        lambda w: [f"data/interim/{ds}/patches/{k}.tsv" for ds in DATASETS for k in shards(ds)],
 
 
 rule crop_shard:
