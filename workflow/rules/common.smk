@@ -40,6 +40,19 @@ def cli_options(values):
     return " ".join(parts)
 
 
+# Sources whose images are the instances: no selective search, each image resized (cells: config's crop).
+SOURCE_CROP_DEFAULTS = {
+    "hpa_paper": {"instances": "whole"},  # the authors' 512x512 patches, already cropped
+    "bdgp": {"instances": "whole", "whole_size": [180, 320]},  # whole embryos at the paper's 180x320
+}
+
+
+def crop_options(ds):
+    """The crop stage's options of a dataset: its source's defaults, then its `crop` config."""
+    cfg = ds_config(ds)
+    return {**SOURCE_CROP_DEFAULTS.get(cfg["source"], {}), **cfg.get("crop", {})}
+
+
 def shards(ds):
     """Shard indices of a dataset: `shards` from config, or enough for `fields_per_shard` fields each.
 

@@ -18,7 +18,7 @@ rule crop_shard:
             f"--boxes data/raw/{w.ds}/boxes.tsv" if ds_config(w.ds)["source"] == "synthetic" else ""
         ),
         max_bad=config.get("max_bad_fraction", 0.05),
-        options=lambda w: cli_options(ds_config(w.ds).get("crop")),
+        options=lambda w: cli_options(crop_options(w.ds)),
     threads: 2
     conda:
         "../envs/hamil.yaml"
