@@ -192,3 +192,17 @@ def test_shards_sized_by_fields(tmp_path):
     shards = [s for s in shards if not s.name.endswith(".rejected.tsv")]
     assert len(shards) == -(-fields // 5) > 1
     assert (tmp_path / "data/processed/tiny.zarr").is_dir()
+
+
+def test_slurm_profile_dry_run(tmp_path):
+    """The SLURM workflow profile (executor plugin) plans the full reproduction; downloads stay local."""
+    proc = snakemake(
+        tmp_path,
+        "--workflow-profile",
+        str(REPO / "profiles/slurm"),
+        "-n",
+        "--configfile",
+        str(REPO / "config/config.yaml"),
+    )
+    out = proc.stdout + proc.stderr
+    assert "train_model" in out and "checkpoint download" in out
