@@ -195,7 +195,7 @@ def test_shards_sized_by_fields(tmp_path):
 
 
 def test_slurm_profile_dry_run(tmp_path):
-    """The SLURM workflow profile (executor plugin) plans the full reproduction; downloads stay local."""
+    """The SLURM workflow profile (executor plugin installed) plans the full reproduction."""
     proc = snakemake(
         tmp_path,
         "--workflow-profile",
