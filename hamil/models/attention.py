@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hamil.models.pooling import MeanPool, bag_index, segment_softmax, segment_sum
+from hamil.models.pooling import MeanPool, bag_index, pool, segment_softmax, segment_sum
 from hamil.models.registry import Aggregator, AggregatorOutput, register
-
-
-def _pooled(features: torch.Tensor) -> torch.Tensor:
-    return features.flatten(2).mean(-1) if features.dim() > 2 else features  # (N, C)
 
 
 def _weighted_sum(values: torch.Tensor, weights: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
@@ -45,7 +41,7 @@ class AttentionPool(Aggregator):
         return self.w(a).squeeze(1)  # (N,)
 
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
-        h = self.embed(_pooled(features))  # (N, M)
+        h = self.embed(pool(features))  # (N, M)
         weights = segment_softmax(self.logits(h), bag_sizes)  # (N,)
         return AggregatorOutput(_weighted_sum(h, weights, bag_sizes), weights)  # (B, M)
 
@@ -75,7 +71,7 @@ class NeuralAggregation(Aggregator):
         self.transfer = nn.Linear(channels, channels)
 
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
-        f = _pooled(features)  # (N, C)
+        f = pool(features)  # (N, C)
         a0 = segment_softmax(f @ self.q0, bag_sizes)  # (N,)
         r0 = _weighted_sum(f, a0, bag_sizes)  # (B, C)
         q1 = torch.tanh(self.transfer(r0))  # (B, C)
@@ -105,7 +101,7 @@ class DeepMIML(Aggregator):
         self.sub_concept = nn.Linear(embed_dim, num_classes * sub_concepts)
 
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
-        h = self.embed(_pooled(features))  # (N, E)
+        h = self.embed(pool(features))  # (N, E)
         s = self.sub_concept(h).view(-1, self.num_classes, self.sub_concepts)  # (N, K, M)
         instance_label = s.amax(dim=2)  # (N, K)
         index = bag_index(bag_sizes.to(h.device)).view(-1, 1).expand_as(instance_label)

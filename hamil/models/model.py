@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hamil.models.backbone import Backbone
-from hamil.models.pooling import bag_index, segment_sum
+from hamil.models.pooling import bag_index, pool, segment_sum
 from hamil.models.registry import Aggregator
 
 
@@ -23,11 +23,6 @@ class Head(nn.Module):
 
     def forward(self, bags: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(pool(bags)))  # (B, K)
-
-
-def pool(x: torch.Tensor) -> torch.Tensor:
-    """``(M, C, h, w)`` -> ``(M, C)`` by global average pooling; vectors pass through."""
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
 
 
 class Explanation(NamedTuple):

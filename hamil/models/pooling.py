@@ -7,6 +7,11 @@ import torch
 from hamil.models.registry import Aggregator, AggregatorOutput, register
 
 
+def pool(x: torch.Tensor) -> torch.Tensor:
+    """``(M, C, h, w)`` -> ``(M, C)`` by global average pooling; vectors ``(M, C)`` pass through."""
+    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+
+
 def bag_index(bag_sizes: torch.Tensor) -> torch.Tensor:
     """``(N,)`` index of the bag each instance belongs to."""
     return torch.repeat_interleave(torch.arange(len(bag_sizes), device=bag_sizes.device), bag_sizes)

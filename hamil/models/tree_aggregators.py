@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hamil.models.pooling import pool
 from hamil.models.registry import Aggregator, AggregatorOutput, bag_slices, register
 from hamil.models.units import AggregationUnit, MeanUnit
 from hamil.tree import merge_order, tree_levels
@@ -61,9 +62,7 @@ class TreeAggregator(Aggregator):
         merges_all = np.concatenate(merges) if merges else np.empty((0, 3), np.int64)
         levels_all = np.concatenate(levels) if levels else np.empty(0, np.int64)
 
-        nodes = features  # (N + merges so far, C, h, w): leaves, then merged nodes in id order
-        order = np.argsort(merges_all[:, 2], kind="stable")
-        merges_all, levels_all = merges_all[order], levels_all[order]
+        nodes = features  # (N + merges so far, C, h, w): leaves, then merged nodes level by level
         # node ids are assigned bag by bag, but computed level by level: keep a map id -> row of `nodes`
         row_of = np.full(next_id, -1, dtype=np.int64)
         row_of[: features.shape[0]] = np.arange(features.shape[0])
@@ -77,10 +76,8 @@ class TreeAggregator(Aggregator):
             nodes = torch.cat([nodes, merged])
             self.last_unit_calls += 1
         bags = nodes[torch.as_tensor(row_of[np.asarray(roots, dtype=np.int64)], device=features.device)]
-        if self.last_unit_calls == 0:
-            bags = bags + _zero_touch(
-                self.unit
-            )  # keeps DDP's gradient hooks firing for all-singleton batches
+        if self.last_unit_calls == 0:  # keep DDP's gradient hooks firing for all-singleton batches
+            bags = bags + _zero_touch(self.unit)
         return AggregatorOutput(bags, None)
 
 
@@ -90,9 +87,7 @@ def _zero_touch(module: nn.Module) -> torch.Tensor | float:
 
 
 def _tree_input(features: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "pooled":
-        return features.flatten(2).mean(-1) if features.dim() > 2 else features  # (n, C)
-    return features.flatten(1)  # (n, C*h*w)
+    return pool(features) if mode == "pooled" else features.flatten(1)  # (n, C) or (n, C*h*w)
 
 
 @register("hamil")
