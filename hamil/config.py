@@ -30,6 +30,13 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
 
+    def aggregator_options(self) -> dict[str, Any]:
+        """``model_options`` plus the run's seed for RAMIL's pairing-order generator."""
+        options = dict(self.model_options)
+        if self.model == "ramil":
+            options.setdefault("seed", self.seed)
+        return options
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

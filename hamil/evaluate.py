@@ -24,10 +24,7 @@ from preprocessing.store import BagStore
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> MILModel:
     """Rebuild the model a checkpoint was trained with and load its weights (eval mode)."""
     cfg = ckpt["config"]
-    options = dict(cfg.model_options)
-    if cfg.model == "ramil":
-        options.setdefault("seed", cfg.seed)
-    model = build_model(cfg.model, len(ckpt["class_names"]), None, cfg.dropout, **options)
+    model = build_model(cfg.model, len(ckpt["class_names"]), None, cfg.dropout, **cfg.aggregator_options())
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 

@@ -53,10 +53,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"{cfg.store}: need bags in both train and val splits (have {len(train_bags)}, {len(val_bags)})"
         )
 
-    options = dict(cfg.model_options)
-    if cfg.model == "ramil":
-        options.setdefault("seed", cfg.seed)
-    model = build_model(cfg.model, len(store.class_names), cfg.pretrained, cfg.dropout, **options).to(device)
+    num_classes = len(store.class_names)
+    model = build_model(cfg.model, num_classes, cfg.pretrained, cfg.dropout, **cfg.aggregator_options())
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(cfg, optimizer)
     pin = device.type == "cuda"
