@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hamil.errors import TrainingDiverged
 from preprocessing.errors import InputError
 
 log = logging.getLogger("hamil")
@@ -146,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hamil.config import TrainConfig
     from hamil.train import train
 
-    best = train(_dataclass_from(TrainConfig, args))
+    best = train(_dataclass_from(TrainConfig, args), resume=args.resume)
     log.info("best validation: %s", best)
 
 
@@ -187,7 +188,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    raise InputError("hamil predict: prediction on your own image folders is not built yet in this version")
+    from hamil.apply import predict_images
+
+    out = predict_images(
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        threshold=args.threshold,
+        thresholds=args.thresholds,
+        instance_scores=args.instance_scores,
+        device=args.device,
+        batch_bags=args.batch_bags,
+    )
+    log.info("predict: outputs in %s", out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model with one seed")
     p.add_argument("--store", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out-dir>/last.pt when it exists (same configuration; exact on the CPU)",
+    )
     _dataclass_options(p, TrainConfig, skip=("store", "out_dir"))
     p.set_defaults(func=cmd_train)
 
@@ -280,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="predict labels for your own bags of images")
+    p.add_argument("--checkpoint", required=True, help="a trained checkpoint (best.pt)")
+    p.add_argument(
+        "--inputs",
+        required=True,
+        help="a folder with one sub-folder of images per bag, or a TSV with columns bag and path",
+    )
+    p.add_argument("--out", required=True, help="output folder (predictions.tsv, skipped.tsv, instances.tsv)")
+    p.add_argument("--threshold", type=float, default=0.5, help="one threshold for every class")
+    p.add_argument(
+        "--thresholds", help="per_class.tsv of hamil evaluate: use its tuned thresholds (threshold_tuned)"
+    )
+    p.add_argument(
+        "--instance-scores", action="store_true", help="also write instances.tsv (box and score per instance)"
+    )
+    p.add_argument("--batch-bags", type=int, default=8)
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
     return parser
 
@@ -293,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (InputError, FileNotFoundError, ValueError) as err:
+    except (InputError, FileNotFoundError, ValueError, TrainingDiverged) as err:
         print(f"hamil {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -23,12 +23,30 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"  # "constant" (the paper), "cosine" (to 0 at the last epoch) or "plateau"
     max_instances: int | None = None
-    augment: bool = True
-    monitor: str = "macro_auc"
-    patience: int | None = None
+    augment: bool = True  # random flips / 90° rotations per instance
+    jitter: float = 0.1  # intensity jitter strength with augment (contrast 1 ± s, brightness ± s/2); 0: off
+    accumulate: int = 1  # batches whose gradients are summed before each optimizer step
+    amp: str = (
+        "auto"  # "auto" (bf16, or fp16 without bf16 support, on CUDA; off on CPU), "bf16", "fp16", "off"
+    )
+    monitor: str = "macro_f1"  # validation score for best.pt, early stopping and the plateau schedule
+    patience: int | None = 10  # epochs without improvement before stopping (None: never)
     num_workers: int = 0
     device: str = "auto"
     threads: int | None = None
+    sync_batch_norm: bool = True  # with several CUDA ranks, batch statistics over the global batch
+    tensorboard: bool = False  # also log to <out_dir>/tensorboard (needs the tensorboard package)
+
+    # Fields that may differ between a run and its resumption (they do not change the computation).
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
+        "store",
+        "out_dir",
+        "patience",
+        "num_workers",
+        "device",
+        "threads",
+        "tensorboard",
+    )
 
     def aggregator_options(self) -> dict[str, Any]:
         """``model_options`` plus the run's seed for RAMIL's pairing-order generator."""

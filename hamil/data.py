@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
+from hamil.distributed import InstanceBalancedBatchSampler
 from preprocessing.store import BagStore
 
 
 class BagDataset(Dataset):
-    """Bags of a store as ``(patches uint8 (n, C, P, P), labels float (K,), bag index)``.
+    """Bags of a store as ``(patches uint8 (n, C, H, W), labels float (K,), bag index)``.
 
     ``max_instances`` caps the instances per bag (a random subset, in store order); ``augment`` applies a
-    random flip / 90° rotation to each instance. Randomness comes from torch's global generator, which
-    DataLoader seeds per worker, so runs are reproducible for a seed.
+    random flip / 90° rotation to each instance. Patches stay uint8 here: the float conversion (and the
+    intensity jitter) happen late, on the training device.
+
+    Keys are dataset positions, or ``(position, epoch)`` pairs as :func:`make_loader`'s training sampler
+    yields them: the random draws then come from ``(seed, epoch, bag)`` alone, so they do not depend on
+    worker processes, their order, or where a resumed run restarted.
     """
 
     def __init__(
@@ -26,45 +32,69 @@ class BagDataset(Dataset):
         bags: Sequence[int] | np.ndarray,
         max_instances: int | None = None,
         augment: bool = False,
+        seed: int = 0,
     ) -> None:
         self.store = store if isinstance(store, BagStore) else BagStore(store)
         self.bags = np.asarray(bags, dtype=np.int64)
         self.max_instances = max_instances
         self.augment = augment
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.bags)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def instance_counts(self) -> np.ndarray:
+        """Instances each item yields (bag sizes capped by ``max_instances``), ``(len(self),)``."""
+        sizes = self.store.bag_sizes()[self.bags]
+        return np.minimum(sizes, self.max_instances) if self.max_instances is not None else sizes
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         bag = int(self.bags[i])
+        rng = np.random.default_rng([self.seed, epoch, bag])
         n = int(self.store.bag_offsets[bag + 1] - self.store.bag_offsets[bag])
         subset = None
         if self.max_instances is not None and n > self.max_instances:
-            subset = torch.randperm(n)[: self.max_instances].numpy()
-        patches = torch.from_numpy(np.ascontiguousarray(self.store.patches(bag, subset)))  # (n, C, P, P)
+            subset = rng.permutation(n)[: self.max_instances]
+        patches = torch.from_numpy(np.ascontiguousarray(self.store.patches(bag, subset)))  # (n, C, H, W)
         if self.augment:
-            patches = random_dihedral(patches)
+            patches = random_dihedral(patches, rng)
         labels = torch.from_numpy(self.store.labels[bag].astype(np.float32))  # (K,)
         return patches, labels, bag
 
 
-def random_dihedral(patches: torch.Tensor) -> torch.Tensor:
-    """Apply a random flip/rotation, drawn independently, to each patch of ``(n, C, H, W)``.
+def random_dihedral(patches: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Apply a random flip/rotation, drawn independently from ``rng``, to each patch of ``(n, C, H, W)``.
 
     Square patches get one of the 8 symmetries of the square; non-square ones (whole images) one of the
     4 that keep their shape (none, horizontal flip, vertical flip, both).
     """
     if patches.shape[-1] != patches.shape[-2]:
-        ops = torch.randint(0, 4, (patches.shape[0],)).tolist()
+        ops = rng.integers(0, 4, patches.shape[0]).tolist()
         flips = [[d for d, bit in ((-1, 1), (-2, 2)) if op & bit] for op in ops]
         out = [p.flip(dims) if dims else p for p, dims in zip(patches, flips, strict=True)]
     else:
-        ops = torch.randint(0, 8, (patches.shape[0],)).tolist()
+        ops = rng.integers(0, 8, patches.shape[0]).tolist()
         out = [
             torch.rot90(p.flip(-1) if op >= 4 else p, op % 4, dims=(-2, -1))
             for p, op in zip(patches, ops, strict=True)
         ]
     return torch.stack(out) if out else patches
+
+
+def intensity_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` -> float in [0, 1] with a random contrast and brightness per instance.
+
+    Contrast is drawn from ``U(1 - s, 1 + s)`` and brightness from ``U(-s / 2, s / 2)`` (``s`` =
+    ``strength``); the draws use the CPU ``generator`` so they are reproducible on any device.
+    """
+    n = images.shape[0]
+    contrast = 1.0 + strength * (2.0 * torch.rand(n, generator=generator) - 1.0)  # (N,)
+    brightness = 0.5 * strength * (2.0 * torch.rand(n, generator=generator) - 1.0)  # (N,)
+    x = images.float() / 255.0  # (N, C, H, W)
+    scale = contrast.to(x.device).view(n, 1, 1, 1)
+    shift = brightness.to(x.device).view(n, 1, 1, 1)
+    return (x * scale + shift).clamp_(0.0, 1.0)
 
 
 def collate_bags(
@@ -85,16 +115,48 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    world: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
-    """A DataLoader of bag batches; shuffling and worker seeds derive from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
+    """A DataLoader of bag batches packed without padding.
+
+    Training (``shuffle``): an :class:`~hamil.distributed.InstanceBalancedBatchSampler` whose batches and
+    augmentation draws derive from ``(seed, epoch)``; call ``loader.batch_sampler.set_epoch(e)`` before
+    each epoch. ``world``/``rank`` give each process its instance-balanced share of every global batch.
+    Evaluation: the bags in order, ``batch_bags`` at a time.
+    """
+    if shuffle:
+        batch_sampler: Any = _EpochKeys(
+            InstanceBalancedBatchSampler(dataset.instance_counts(), batch_bags, world, rank, True, seed)
+        )
+    else:
+        batch_sampler = BatchSampler(SequentialSampler(range(len(dataset))), batch_bags, drop_last=False)
     return DataLoader(
         dataset,
-        batch_size=batch_bags,
-        shuffle=shuffle,
+        batch_sampler=batch_sampler,
         collate_fn=collate_bags,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        generator=generator,
         persistent_workers=num_workers > 0,
+        # its own generator: creating an iterator draws a worker seed, which must not consume the global
+        # generator (that would make dropout depend on the number of workers)
+        generator=torch.Generator().manual_seed(seed),
     )
+
+
+class _EpochKeys(Sampler[list[tuple[int, int]]]):
+    """Tag every position of a batch sampler with the epoch: ``(position, epoch)`` dataset keys."""
+
+    def __init__(self, sampler: InstanceBalancedBatchSampler) -> None:
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(i, epoch) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)

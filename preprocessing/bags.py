@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import zlib
@@ -112,7 +113,12 @@ def build_bags(
     labels = np.array([[c in set(ls) for c in classes] for ls in bags["all_labels"]], dtype=np.uint8)
 
     sources = [zarr.open_array(Path(s) / "patches", mode="r") for s in shard_stores]
-    attrs = {"class_names": classes, "source": source, "params": _jsonable(asdict(params))}
+    attrs = {
+        "class_names": classes,
+        "source": source,
+        "params": _jsonable(asdict(params)),
+        "crop": shard_crop_params(shard_stores),
+    }
     write_bag_store(
         dest_store,
         sources,
@@ -149,6 +155,24 @@ def build_bags(
     }
     write_json(stats, Path(dest_table).with_name("bags.json"))
     return stats
+
+
+def shard_crop_params(shard_stores: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | None:
+    """The crop parameters the shards were cut with (their ``params`` attribute), as a JSON-able dict.
+
+    ``None`` when no shard carries any (shards not written by the crop stage). :class:`InputError`, naming
+    the shards, when they differ or only some carry them: a bag store holds patches of one cropping.
+    """
+    found = {str(s): _jsonable(zarr.open_group(Path(s), mode="r").attrs.get("params")) for s in shard_stores}
+    distinct = {json.dumps(v, sort_keys=True) for v in found.values()}
+    if len(distinct) > 1:
+        first = next(iter(found.values()))
+        odd = [s for s, v in found.items() if v != first]
+        raise InputError(
+            f"patch shards were cropped with different parameters: {next(iter(found))} differs from "
+            f"{', '.join(odd)}"
+        )
+    return next(iter(found.values()), None)
 
 
 def _read_patch_tables(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,10 @@ __all__ = [
     "BACKENDS",
     "PATCH_COLUMNS",
     "CropParams",
+    "crop_field",
     "crop_shard",
     "cut_patches",
+    "params_from_attrs",
     "patch_windows",
     "propose_boxes",
 ]
@@ -105,6 +107,25 @@ class _FieldResult:
     error: str | None = None  # InputError message when the image was unreadable
 
 
+def crop_field(field: np.ndarray, params: CropParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The instances of one field ``(H, W, 3)`` uint8, exactly as the crop stage cuts them.
+
+    Returns ``(boxes (n, 4), windows (n, 4), patches (n, 3, h, w) uint8)``: the kept boxes before square
+    expansion, the patch windows clipped to the field (x0, y0, x1, y1) and the patches, ``(h, w)`` being
+    ``params.instance_shape``. With ``params.instances == "whole"`` the field is one instance resized to
+    that shape (box and window: the whole field); otherwise cells are proposed and cut (``n`` may be 0).
+    """
+    if params.instances == "whole":
+        height, width = params.instance_shape
+        box = np.array([[0, 0, field.shape[1], field.shape[0]]], dtype=np.int64)  # (1, 4)
+        patch = cv2.resize(field, (width, height), interpolation=cv2.INTER_AREA)  # (H, W, 3)
+        return box, box, patch.transpose(2, 0, 1)[None]  # (1, 3, H, W)
+    boxes = propose_boxes(field, params)  # (n, 4)
+    _, clipped = patch_windows(boxes, field.shape[:2], params.square)
+    patches = cut_patches(field, boxes, params.patch_size, params.square)  # (n, 3, P, P)
+    return boxes, clipped, patches
+
+
 def _process_field(row: dict[str, str], params: CropParams) -> _FieldResult:
     """Read one field and crop it; an unreadable image gives a result with ``error`` set."""
     empty = np.zeros((0, 4), dtype=np.int64)
@@ -112,14 +133,7 @@ def _process_field(row: dict[str, str], params: CropParams) -> _FieldResult:
         field = read_image(row["path"])
     except InputError as err:
         return _FieldResult(row["image_id"], empty, empty, np.zeros((0, 3, 1, 1), np.uint8), str(err))
-    if params.instances == "whole":
-        height, width = params.instance_shape
-        box = np.array([[0, 0, field.shape[1], field.shape[0]]], dtype=np.int64)
-        patch = cv2.resize(field, (width, height), interpolation=cv2.INTER_AREA)  # (H, W, 3)
-        return _FieldResult(row["image_id"], box, box, patch.transpose(2, 0, 1)[None])
-    boxes = propose_boxes(field, params)  # (n, 4)
-    _, clipped = patch_windows(boxes, field.shape[:2], params.square)
-    patches = cut_patches(field, boxes, params.patch_size, params.square)
+    boxes, clipped, patches = crop_field(field, params)
     return _FieldResult(row["image_id"], boxes, clipped, patches)
 
 
@@ -210,6 +224,18 @@ def crop_shard(
     stats["seconds"] = round(time.perf_counter() - start, 3)
     write_json(stats, out_tsv.with_name(f"{out_tsv.stem}.json"))
     return stats
+
+
+def params_from_attrs(values: Mapping[str, Any], origin: str = "crop parameters") -> CropParams:
+    """:class:`CropParams` from the JSON form stored in Zarr attributes (lists become tuples).
+
+    Unknown keys raise :class:`InputError` naming them and ``origin`` (the file they came from).
+    """
+    known = {f.name for f in fields(CropParams)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"{origin}: unknown crop parameter(s): {', '.join(unknown)}")
+    return CropParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _create_store(path: Path, params: CropParams) -> Any:

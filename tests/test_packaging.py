@@ -57,12 +57,6 @@ def test_preprocessing_never_imports_torch():
     )
 
 
-def test_unbuilt_stages_say_so(capsys):
-    assert main(["predict"]) == 2
-    err = capsys.readouterr().err
-    assert "not built yet" in err and err.count("\n") == 1
-
-
 @pytest.mark.parametrize(
     ("options", "needle"),
     [

@@ -48,14 +48,19 @@ class MILModel(nn.Module):
             return self._mean_probability_logits(self.head(features), bag_sizes)  # (B, K)
         return self.head(self.aggregator(features, bag_sizes).bags)  # (B, K)
 
-    def loss(self, images: torch.Tensor, bag_sizes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean BCE: per bag, or per instance (with its bag's labels) for instance-level models."""
+    def loss(
+        self, images: torch.Tensor, bag_sizes: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """BCE averaged over the K classes of each bag, or of each instance (with its bag's labels) for
+        instance-level models; then the ``"mean"`` or the ``"sum"`` over bags (instances)."""
         if self.instance_level:
             logits = self.head(self.backbone(images))  # (N, K)
             target = labels[bag_index(bag_sizes.to(labels.device))]  # (N, K)
         else:
             logits, target = self(images, bag_sizes), labels  # (B, K)
-        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        per_item = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+        per_item = per_item.mean(dim=1)  # (B,) or (N,)
+        return per_item.sum() if reduction == "sum" else per_item.mean()
 
     @staticmethod
     def _mean_probability_logits(instance_logits: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:

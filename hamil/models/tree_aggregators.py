@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from torch import nn
@@ -181,6 +183,13 @@ class Ramil(TreeAggregator):
         if not self.training:
             self._eval_rng = np.random.default_rng(self.seed)
         return super().forward(features, bag_sizes)
+
+    def rng_state(self) -> str:
+        """The training pairing-order generator's state (JSON), saved in checkpoints for exact resume."""
+        return json.dumps(self._train_rng.bit_generator.state)
+
+    def set_rng_state(self, state: str) -> None:
+        self._train_rng.bit_generator.state = json.loads(state)
 
     def bag_tree(self, features: torch.Tensor) -> np.ndarray:
         rng = self._train_rng if self.training else self._eval_rng

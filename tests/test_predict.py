@@ -1,0 +1,270 @@
+"""``hamil predict`` on a user's bags of images, with checkpoints trained through the CLI on synthetic data.
+
+One module fixture runs ``hamil synth``, then ``crop``, ``bags`` and ``train`` twice: once cutting cells,
+once with whole images as instances (a few seconds each on 32x32 patches).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from hamil.apply import bag_instances, crop_params_of, predict_images, read_bags
+from hamil.checkpoint import load_checkpoint, save_checkpoint
+from hamil.cli import main
+from preprocessing.bags import BagParams, build_bags
+from preprocessing.errors import InputError
+
+SYNTH = ["--proteins", "10", "--fields-min", "1", "--fields-max", "2", "--cells-min", "3", "--cells-max", "4"]
+SYNTH += ["--field-size", "256", "--cell-size", "60", "--poor-fraction", "0", "--seed", "0"]
+CROP = {
+    "cells": ["--backend", "opencv", "--downscale", "256", "--patch-size", "32"],
+    "whole": ["--instances", "whole", "--whole-size", "32", "32"],
+}
+MODEL = {"cells": ["--model", "hamil", "--model-options", '{"depth": 1}'], "whole": ["--model", "mean"]}
+BAGS = ["--top-k", "3", "--max-bag-size", "4", "--split-ratio", "2", "1", "1"]
+TRAIN = ["--epochs", "1", "--batch-bags", "4", "--threads", "2", "--no-augment"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Synthetic fields, and per mode (cells, whole) its crop shard, bag store and checkpoint."""
+    root = tmp_path_factory.mktemp("predict")
+    raw = root / "raw"
+    assert main(["synth", "--out", str(raw), *SYNTH]) == 0
+    out = {"root": root, "raw": raw}
+    for mode in ("cells", "whole"):
+        shard = root / mode / "patches"
+        crop = ["crop", "--images", str(raw / "images.tsv"), "--out-zarr", str(shard / "0.zarr")]
+        assert main([*crop, "--out-tsv", str(shard / "0.tsv"), *CROP[mode]]) == 0
+        store = root / mode / "ds.zarr"
+        bags = ["bags", "--tables", str(shard / "0.tsv"), "--stores", str(shard / "0.zarr")]
+        assert (
+            main([*bags, "--out-store", str(store), "--out-table", str(root / mode / "bags.tsv"), *BAGS]) == 0
+        )
+        run = root / mode / "run"
+        assert main(["train", "--store", str(store), "--out-dir", str(run), *MODEL[mode], *TRAIN]) == 0
+        ckpt = load_checkpoint(run / "best.pt")
+        assert "crop" in ckpt["store_attrs"], "hamil train must copy the bag store's crop attribute"
+        out[mode] = {"shard": shard, "store": store, "checkpoint": run / "best.pt"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def user_bags(trained: dict) -> dict:
+    """Three bags of synthetic fields as a user would give them: a folder of bag folders, and a TSV."""
+    raw = trained["raw"]
+    images = pd.read_csv(raw / "images.tsv", sep="\t")
+    groups = sorted(images["group"].unique())[:3]
+    folder = trained["root"] / "mine"
+    rows = []
+    for group in groups:
+        (folder / group).mkdir(parents=True)
+        for path in images.loc[images["group"] == group, "path"]:
+            shutil.copy(raw / path, folder / group / Path(path).name)
+            rows.append({"bag": group, "path": f"{group}/{Path(path).name}", "image_id": Path(path).stem})
+    table = pd.DataFrame(rows)
+    table[["bag", "path"]].to_csv(folder / "bags.tsv", sep="\t", index=False)
+    return {"folder": folder, "tsv": folder / "bags.tsv", "rows": table}
+
+
+def _predict(tmp_path: Path, checkpoint: Path, inputs: Path, *extra: str) -> pd.DataFrame:
+    out = tmp_path / "out"
+    assert (
+        main(["predict", "--checkpoint", str(checkpoint), "--inputs", str(inputs), "--out", str(out), *extra])
+        == 0
+    )
+    return pd.read_csv(out / "predictions.tsv", sep="\t", keep_default_na=False)
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hamil predict: error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+# ------------------------------------------------------------------------------------------ bag store
+
+
+def test_bags_records_the_crop_parameters(trained: dict) -> None:
+    cells = zarr.open_group(trained["cells"]["store"], mode="r").attrs["crop"]
+    whole = zarr.open_group(trained["whole"]["store"], mode="r").attrs["crop"]
+    assert cells["instances"] == "cells" and cells["patch_size"] == 32 and cells["backend"] == "opencv"
+    assert whole["instances"] == "whole" and whole["whole_size"] == [32, 32]
+    assert load_checkpoint(trained["cells"]["checkpoint"])["store_attrs"]["crop"] == cells
+
+
+def test_shards_cropped_differently_fail(trained: dict, tmp_path: Path, two_shards) -> None:
+    shard = trained["cells"]["shard"]
+    for name in ("a", "b"):
+        shutil.copytree(shard / "0.zarr", tmp_path / f"{name}.zarr")
+        shutil.copy(shard / "0.tsv", tmp_path / f"{name}.tsv")
+    group = zarr.open_group(tmp_path / "b.zarr", mode="r+")
+    group.attrs["params"] = {**group.attrs["params"], "min_score": 0.5}
+    tables, stores = [tmp_path / "a.tsv", tmp_path / "b.tsv"], [tmp_path / "a.zarr", tmp_path / "b.zarr"]
+    with pytest.raises(InputError, match="different parameters") as err:
+        build_bags(
+            tables, stores, tmp_path / "ds.zarr", tmp_path / "ds" / "bags.tsv", BagParams(top_k=3), "t"
+        )
+    assert "a.zarr" in str(err.value) and "b.zarr" in str(err.value)
+    assert not (tmp_path / "ds.zarr").exists()
+    # shards without crop parameters (not written by the crop stage) give crop = None
+    tables, stores, _ = two_shards
+    dest = tmp_path / "plain.zarr"
+    build_bags(tables, stores, dest, tmp_path / "plain" / "bags.tsv", BagParams(top_k=3), "t")
+    assert zarr.open_group(dest, mode="r").attrs["crop"] is None
+
+
+# ------------------------------------------------------------------------------------------ predictions
+
+
+def test_folder_and_tsv_inputs_agree(trained: dict, user_bags: dict, tmp_path: Path) -> None:
+    ckpt = trained["cells"]["checkpoint"]
+    by_folder = _predict(tmp_path / "f", ckpt, user_bags["folder"])
+    by_tsv = _predict(tmp_path / "t", ckpt, user_bags["tsv"])
+    classes = load_checkpoint(ckpt)["class_names"]
+    assert list(by_folder.columns) == ["bag", "n_instances", *[f"p_{c}" for c in classes], "labels"]
+    assert sorted(by_folder["bag"]) == sorted(user_bags["rows"]["bag"].unique())
+    probs = by_folder.filter(like="p_").to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all()
+    pd.testing.assert_frame_equal(
+        by_folder.sort_values("bag", ignore_index=True), by_tsv.sort_values("bag", ignore_index=True)
+    )
+    expected = [";".join(c for c, p in zip(classes, row, strict=True) if p >= 0.5) for row in probs]
+    assert list(by_folder["labels"]) == expected
+
+
+def test_cells_are_cut_as_the_crop_stage_cut_them(trained: dict, user_bags: dict, tmp_path: Path) -> None:
+    ckpt = trained["cells"]["checkpoint"]
+    table = _predict(tmp_path, ckpt, user_bags["folder"], "--instance-scores")
+    shard = pd.read_csv(trained["cells"]["shard"] / "0.tsv", sep="\t")
+    rows = user_bags["rows"]
+    per_bag = rows.groupby("bag")["image_id"].apply(lambda ids: int(shard["image_id"].isin(ids).sum()))
+    assert dict(zip(table["bag"], table["n_instances"], strict=True)) == per_bag.to_dict()
+    n_images = rows.groupby("bag").size()
+    assert (table.set_index("bag")["n_instances"] > n_images).all()  # several cells per field
+    instances = pd.read_csv(tmp_path / "out" / "instances.tsv", sep="\t")
+    assert list(instances.columns) == ["bag", "path", "x0", "y0", "x1", "y1", "score"]
+    assert len(instances) == table["n_instances"].sum()
+    assert np.isfinite(instances["score"]).all()
+    # the same windows and pixels as the crop stage
+    params = crop_params_of(load_checkpoint(ckpt)["store_attrs"], ckpt)
+    bag = read_bags(user_bags["folder"])[0]
+    got = bag_instances(bag, params)
+    ids = [Path(p).stem for p in bag.paths]
+    stage = shard[shard["image_id"].isin(ids)]
+    np.testing.assert_array_equal(got.boxes, stage[["x0", "y0", "x1", "y1"]].to_numpy())
+    patches = zarr.open_array(trained["cells"]["shard"] / "0.zarr" / "patches", mode="r")
+    np.testing.assert_array_equal(got.patches, patches.oindex[stage["patch_index"].to_numpy()])
+
+
+def test_whole_image_checkpoint_gives_one_instance_per_image(
+    trained: dict, user_bags: dict, tmp_path: Path
+) -> None:
+    out = predict_images(
+        trained["whole"]["checkpoint"], user_bags["tsv"], tmp_path / "w", instance_scores=True
+    )
+    table = pd.read_csv(out / "predictions.tsv", sep="\t")
+    n_images = user_bags["rows"].groupby("bag").size()
+    assert table.set_index("bag")["n_instances"].to_dict() == n_images.to_dict()
+    instances = pd.read_csv(out / "instances.tsv", sep="\t")
+    assert (instances[["x0", "y0"]] == 0).all().all() and (instances[["x1", "y1"]] == 256).all().all()
+    assert sorted(instances["path"]) == sorted(user_bags["rows"]["path"])
+
+
+def test_checkpoint_without_crop_uses_whole_images(
+    trained: dict, user_bags: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = torch.load(trained["cells"]["checkpoint"], map_location="cpu", weights_only=True)
+    del ckpt["store_attrs"]["crop"]  # as written before the bag store recorded it
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, ckpt)
+    with caplog.at_level(logging.WARNING):
+        table = _predict(tmp_path, old, user_bags["folder"])
+    assert "does not record how its data were cropped" in caplog.text
+    assert (
+        table.set_index("bag")["n_instances"].to_dict() == user_bags["rows"].groupby("bag").size().to_dict()
+    )
+
+
+def test_tuned_thresholds_from_evaluate(trained: dict, user_bags: dict, tmp_path: Path) -> None:
+    ckpt, store = trained["cells"]["checkpoint"], trained["cells"]["store"]
+    assert (
+        main(
+            ["evaluate", "--checkpoint", str(ckpt), "--store", str(store), "--out-dir", str(tmp_path / "ev")]
+        )
+        == 0
+    )
+    per_class = pd.read_csv(tmp_path / "ev" / "per_class.tsv", sep="\t")
+    per_class["threshold_tuned"] = [0.0, 1.0, 0.5][: len(per_class)]
+    per_class.to_csv(tmp_path / "per_class.tsv", sep="\t", index=False)
+    table = _predict(tmp_path, ckpt, user_bags["folder"], "--thresholds", str(tmp_path / "per_class.tsv"))
+    classes = list(per_class["class"])
+    cut = dict(zip(classes, per_class["threshold_tuned"], strict=True))
+    expected = [";".join(c for c in classes if row[f"p_{c}"] >= cut[c]) for _, row in table.iterrows()]
+    assert list(table["labels"]) == expected and all(classes[0] in labels for labels in table["labels"])
+
+
+def test_bag_without_cells_is_skipped(trained: dict, user_bags: dict, tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(user_bags["folder"], folder, ignore=shutil.ignore_patterns("*.tsv"))
+    (folder / "dark").mkdir()
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(folder / "dark" / "black.png")
+    with caplog.at_level(logging.WARNING):
+        table = _predict(tmp_path, trained["cells"]["checkpoint"], folder)
+    assert "dark" not in set(table["bag"]) and len(table) == user_bags["rows"]["bag"].nunique()
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.tsv", sep="\t")
+    assert list(skipped["bag"]) == ["dark"] and skipped["n_images"].tolist() == [1]
+    assert "bag dark: no instance found" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_file_is_named(trained: dict, user_bags: dict, tmp_path: Path, capsys) -> None:
+    table = tmp_path / "bags.tsv"
+    rows = user_bags["rows"][["bag", "path"]].copy()
+    rows["path"] = [str(user_bags["folder"] / p) for p in rows["path"]]
+    rows.loc[len(rows)] = ["extra", "nowhere/missing.png"]
+    rows.to_csv(table, sep="\t", index=False)
+    args = ["predict", "--checkpoint", str(trained["cells"]["checkpoint"]), "--out", str(tmp_path / "out")]
+    assert main([*args, "--inputs", str(table)]) == 2
+    _one_line_error(capsys, str(tmp_path / "nowhere" / "missing.png"), "file not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_image_files_are_named(trained: dict, tmp_path: Path, capsys) -> None:
+    args = ["predict", "--checkpoint", str(trained["cells"]["checkpoint"]), "--out", str(tmp_path / "out")]
+    (tmp_path / "in" / "b1").mkdir(parents=True)
+    (tmp_path / "in" / "b1" / "fake.png").write_text("not an image\n")
+    assert main([*args, "--inputs", str(tmp_path / "in")]) == 2
+    _one_line_error(capsys, "fake.png", "unreadable image")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "t.tsv").write_text("bag\tpath\nb1\tnotes.txt\n")
+    assert main([*args, "--inputs", str(tmp_path / "t.tsv")]) == 2
+    _one_line_error(capsys, "notes.txt", "unsupported extension")
+
+
+def test_empty_inputs_are_clear(trained: dict, tmp_path: Path, capsys) -> None:
+    args = ["predict", "--checkpoint", str(trained["cells"]["checkpoint"]), "--out", str(tmp_path / "out")]
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--inputs", str(tmp_path / "empty")]) == 2
+    _one_line_error(capsys, str(tmp_path / "empty"), "no bags")
+    (tmp_path / "empty" / "b1").mkdir()
+    assert main([*args, "--inputs", str(tmp_path / "empty")]) == 2
+    _one_line_error(capsys, "b1", "no images")
+    (tmp_path / "t.tsv").write_text("bag\tpath\n")
+    assert main([*args, "--inputs", str(tmp_path / "t.tsv")]) == 2
+    _one_line_error(capsys, "t.tsv", "no images listed")
+    (tmp_path / "u.tsv").write_text("group\tpath\nb\tx.png\n")
+    assert main([*args, "--inputs", str(tmp_path / "u.tsv")]) == 2
+    _one_line_error(capsys, "u.tsv", "missing columns: bag")

@@ -1,0 +1,197 @@
+"""The training loop's guarantees: exact resume after SIGKILL, worker-independent randomness, NaN stop,
+mixed precision and gradient accumulation settings, resume checks, TensorBoard."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hamil.checkpoint import load_checkpoint
+from hamil.cli import main
+from hamil.config import TrainConfig
+from hamil.errors import TrainingDiverged
+from hamil.models.model import MILModel
+from hamil.train import amp_dtype, train
+from preprocessing.bags import BagParams, build_bags
+from preprocessing.errors import InputError
+from tests.conftest import write_shard
+
+
+def _store(folder: Path, patch: int, groups: int = 24, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    vocab = ["A", "B", "C"]
+    spec = {
+        f"G{g:02d}": (int(rng.integers(2, 9)), ";".join(sorted(rng.choice(vocab, rng.integers(1, 3), False))))
+        for g in range(groups)
+    }
+    names = sorted(spec)
+    tables, stores = zip(
+        *(write_shard(folder, str(k), {g: spec[g] for g in names[k::2]}, patch, seed=k) for k in (0, 1)),
+        strict=True,
+    )
+    # give the patches texture so the network has something to fit
+    for store in stores:
+        import zarr
+
+        arr = zarr.open_group(store, mode="r+")["patches"]
+        arr[:] = np.random.default_rng(seed).integers(0, 256, arr.shape, dtype=np.uint8)
+    out = folder / "ds.zarr"
+    build_bags(
+        list(tables), list(stores), out, folder / "bags.tsv", BagParams(top_k=3, split_ratio=(4, 1, 1)), "t"
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> Path:
+    return _store(tmp_path_factory.mktemp("small"), patch=16)
+
+
+def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        model="ramil",  # random pairing order: its generator must be saved and restored
+        dropout=0.3,  # draws from torch's global generator
+        epochs=3,
+        batch_bags=3,
+        lr=1e-3,
+        max_instances=4,  # random instance subsets
+        threads=1,
+        patience=None,
+    )
+    return TrainConfig(store=str(store), out_dir=str(out), **{**base, **kw})
+
+
+def _cli_args(cfg: TrainConfig) -> list[str]:
+    return [
+        "train",
+        *("--store", cfg.store, "--out-dir", cfg.out_dir, "--model", cfg.model),
+        *("--dropout", str(cfg.dropout), "--epochs", str(cfg.epochs), "--batch-bags", str(cfg.batch_bags)),
+        *("--lr", str(cfg.lr), "--max-instances", str(cfg.max_instances), "--threads", "1"),
+    ]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
+    store = _store(tmp_path / "data", patch=64, groups=40)
+    reference = _cfg(store, tmp_path / "reference")
+    train(reference)
+
+    run = tmp_path / "killed"
+    cfg = _cfg(store, run)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "hamil.cli", *_cli_args(cfg)], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "last.pt").exists():
+            assert proc.poll() is None, "training exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        time.sleep(0.3)  # into epoch 2
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1, "the kill came too late to be mid-epoch"
+
+    assert main([*_cli_args(cfg), "--resume"]) == 0
+    _assert_same_weights(run / "last.pt", tmp_path / "reference" / "last.pt")
+    _assert_same_weights(run / "best.pt", tmp_path / "reference" / "best.pt")
+    ours, theirs = (pd.read_csv(d / "history.csv") for d in (run, tmp_path / "reference"))
+    pd.testing.assert_frame_equal(ours.drop(columns="seconds"), theirs.drop(columns="seconds"))
+    # a finished run resumes to nothing
+    assert main([*_cli_args(cfg), "--resume"]) == 0
+    assert len(pd.read_csv(run / "history.csv")) == cfg.epochs
+
+
+def test_randomness_does_not_depend_on_loader_workers(tmp_path, small_store):
+    train(_cfg(small_store, tmp_path / "w0", epochs=2, num_workers=0))
+    train(_cfg(small_store, tmp_path / "w2", epochs=2, num_workers=2))
+    _assert_same_weights(tmp_path / "w0" / "last.pt", tmp_path / "w2" / "last.pt")
+
+
+def test_resume_refuses_another_configuration(tmp_path, small_store):
+    train(_cfg(small_store, tmp_path / "run", epochs=1))
+    with pytest.raises(InputError, match=r"last\.pt: cannot resume with a different configuration \(lr"):
+        train(_cfg(small_store, tmp_path / "run", epochs=1, lr=1e-2), resume=True)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, small_store, monkeypatch):
+    cfg = _cfg(small_store, tmp_path / "run", model="mean", epochs=3)
+    train_bags = int((np.asarray(__import__("zarr").open_group(small_store)["split"][:]) == 0).sum())
+    batches_per_epoch = math.ceil(train_bags / cfg.batch_bags)
+    calls = {"n": 0}
+    real_loss = MILModel.loss
+
+    def poisoned(self, *args, **kwargs):  # fault injection: the 2nd batch of epoch 2 overflows
+        calls["n"] += 1
+        loss = real_loss(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == batches_per_epoch + 2 else loss
+
+    monkeypatch.setattr(MILModel, "loss", poisoned)
+    with pytest.raises(
+        TrainingDiverged, match=r"nan at epoch 2, batch 2/\d+ \(optimizer step \d+\).*epoch 1"
+    ):
+        train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_real_divergence_is_reported_on_one_line(tmp_path, small_store, capsys):
+    cfg = _cfg(small_store, tmp_path / "run", model="mean", epochs=3, lr=1e30)
+    assert main(_cli_args(cfg)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage returns
+    assert re.search(r"hamil train: error: training loss is (nan|inf) at epoch \d+, batch \d+/\d+", last), last
+
+
+def test_accumulation_counts_optimizer_steps(tmp_path, small_store):
+    one = train(_cfg(small_store, tmp_path / "a1", model="mean", epochs=1, accumulate=1))
+    two = train(_cfg(small_store, tmp_path / "a2", model="mean", epochs=1, accumulate=2))
+    steps = [load_checkpoint(tmp_path / d / "last.pt")["global_step"] for d in ("a1", "a2")]
+    assert steps[1] == math.ceil(steps[0] / 2) and steps[0] > 2
+    assert math.isfinite(one["val_loss"]) and math.isfinite(two["val_loss"])
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, small_store):
+    best = train(_cfg(small_store, tmp_path / "run", model="hamil", epochs=1, amp="bf16"))
+    assert math.isfinite(best["val_loss"])
+
+
+def test_amp_modes():
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        amp_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        amp_dtype("fp8", cpu)
+
+
+def test_tensorboard_logs(tmp_path, small_store):
+    pytest.importorskip("tensorboard")
+    train(_cfg(small_store, tmp_path / "run", model="mean", epochs=1, tensorboard=True))
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
