@@ -39,12 +39,23 @@ def _dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
 def _arg_type(hint: Any) -> tuple[Callable[[str], Any], str | None]:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return _arg_type(args[0])
+        kind, nargs = _arg_type(args[0])
+        if type(None) in typing.get_args(hint) and kind is not bool:
+            return _or_none(kind), nargs  # "none" on the command line gives None
+        return kind, nargs
     if typing.get_origin(hint) is tuple:
         return args[0], "+"
     if typing.get_origin(hint) is dict:
         return json.loads, None
     return hint, None
+
+
+def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in its errors
+    return parse
 
 
 def _dataclass_from(cls: type, args: argparse.Namespace, **extra: Any) -> Any:

@@ -34,6 +34,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     threads: int | None = None
+    freeze_batch_norm: bool = False  # batch norm keeps its running statistics in training (small batches)
     sync_batch_norm: bool = True  # with several CUDA ranks, batch statistics over the global batch
     tensorboard: bool = False  # also log to <out_dir>/tensorboard (needs the tensorboard package)
 

@@ -116,8 +116,10 @@ class InstanceBalancedBatchSampler(Sampler[list[int]]):
     ) -> None:
         if len(sizes) < world:
             raise ValueError(f"{len(sizes)} bags cannot be shared by {world} ranks")
-        if batch_bags < 1:
-            raise ValueError("batch_bags must be at least 1")
+        if batch_bags < max(world, 1):
+            raise ValueError(
+                f"batch_bags is the global batch and must be at least the number of ranks ({world})"
+            )
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.batch_bags = batch_bags
         self.world, self.rank = world, rank
@@ -144,6 +146,5 @@ class InstanceBalancedBatchSampler(Sampler[list[int]]):
             yield [batch[i] for i in part]
 
     def __len__(self) -> int:
-        n = len(self.sizes)
-        full, rest = divmod(n, self.batch_bags)
-        return full + (1 if rest >= self.world or (rest and full == 0) else 0)
+        full, rest = divmod(len(self.sizes), self.batch_bags)
+        return full + (1 if rest and (rest >= self.world or full == 0) else 0)

@@ -181,6 +181,10 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> float:
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
+        if cfg.freeze_batch_norm:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         self.train_loader.batch_sampler.set_epoch(epoch)
         steps = len(self.train_loader)
         total = torch.zeros(2, dtype=torch.float64)  # (loss sum, items) over all ranks

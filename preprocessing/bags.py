@@ -33,6 +33,7 @@ class BagParams:
     max_bag_size: int = 32
     split_ratio: tuple[float, float, float] = (4.0, 1.0, 5.0)
     seed: int = 0
+    codec: str = "lz4"  # patch compression in the bag store: lz4 (fast reads), zstd (smallest) or none
 
 
 def select_classes(group_labels: Mapping[str, Sequence[str]], top_k: int) -> list[str]:
@@ -131,6 +132,7 @@ def build_bags(
         source_image=picked["image_id"].tolist(),
         box=picked[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.int64),
         attrs=attrs,
+        codec=params.codec,
         workers=workers,
     )
     table = pd.DataFrame(

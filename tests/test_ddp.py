@@ -10,12 +10,18 @@ from __future__ import annotations
 import os
 import socket
 
+import numpy as np
+import pandas as pd
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from hamil.checkpoint import load_checkpoint
+from hamil.config import TrainConfig
 from hamil.models import build_model
+from hamil.train import train
 
 
 def _free_port() -> int:
@@ -67,3 +73,55 @@ def test_singleton_bags_do_not_break_ddp(tmp_path):
     for key in a:
         if "running" not in key:  # batch-norm running statistics are per rank by design
             torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def _train_rank(rank: int, port: int, cfg: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ["LOCAL_RANK"] = str(rank)
+    from hamil.config import TrainConfig
+    from hamil.train import train
+
+    train(TrainConfig(**cfg))
+
+
+@pytest.mark.parametrize(
+    ("model", "freeze_batch_norm", "rtol"),
+    [("hamil", True, 1e-4), ("si", True, 1e-4), ("hamil", False, 0.25)],
+)
+def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, model, freeze_batch_norm, rtol):
+    """``torchrun``-style DDP (2 CPU processes, gloo) on the instance-balanced sampler gives the loss curve
+    of one process on the same global batches. Exactly (up to summation order) when batch norm uses its
+    running statistics; with batch statistics each rank normalises its own share, hence the tolerance."""
+    from tests.test_training_loop import _store
+
+    store = _store(tmp_path / "data", patch=32, groups=30)
+    cfg = dict(
+        store=str(store),
+        model=model,
+        epochs=3,
+        batch_bags=6,
+        lr=1e-3,
+        threads=1,
+        augment=False,
+        patience=None,
+        freeze_batch_norm=freeze_batch_norm,
+    )
+    train(TrainConfig(**cfg, out_dir=str(tmp_path / "one")))
+    ctx = mp.start_processes(
+        _train_rank,
+        args=(_free_port(), {**cfg, "out_dir": str(tmp_path / "two")}),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    for proc in ctx.processes:
+        proc.join(timeout=300)
+    for proc in ctx.processes:
+        if proc.is_alive():
+            proc.kill()
+    assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
+    one, two = (pd.read_csv(tmp_path / d / "history.csv") for d in ("one", "two"))
+    assert len(one) == len(two) == 3
+    np.testing.assert_allclose(two.train_loss, one.train_loss, rtol=rtol)
+    a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    assert a["global_step"] == b["global_step"]

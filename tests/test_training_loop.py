@@ -164,7 +164,9 @@ def test_real_divergence_is_reported_on_one_line(tmp_path, small_store, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar's carriage returns
-    assert re.search(r"hamil train: error: training loss is (nan|inf) at epoch \d+, batch \d+/\d+", last), last
+    assert re.search(r"hamil train: error: training loss is (nan|inf) at epoch \d+, batch \d+/\d+", last), (
+        last
+    )
 
 
 def test_accumulation_counts_optimizer_steps(tmp_path, small_store):
@@ -195,3 +197,20 @@ def test_tensorboard_logs(tmp_path, small_store):
     train(_cfg(small_store, tmp_path / "run", model="mean", epochs=1, tensorboard=True))
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_checkpoint_problems_are_clear(tmp_path, small_store):
+    train(_cfg(small_store, tmp_path / "run", model="mean", epochs=1))
+    good = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(good, weights_only=True)
+    torch.save({**ckpt, "version": 0}, tmp_path / "old.pt")
+    with pytest.raises(InputError, match=r"old\.pt: checkpoint version 0, this HAMIL reads 1"):
+        load_checkpoint(tmp_path / "old.pt")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(InputError, match=r"cut\.pt: corrupt or unreadable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(InputError, match=r"last\.pt: checkpoint has 3 classes, the data has 5"):
+        load_checkpoint(good, num_classes=5)
+    torch.save({**ckpt, "extra": pd.DataFrame({"a": [1]})}, tmp_path / "pickled.pt")  # arbitrary objects
+    with pytest.raises(InputError, match=r"pickled\.pt: corrupt or unreadable checkpoint"):
+        load_checkpoint(tmp_path / "pickled.pt")  # weights_only=True refuses them

@@ -95,6 +95,14 @@ def test_end_to_end_tiny(tmp_path):
     )
     proc = snakemake(tmp_path, "-n", "-R", "train_model", "--configfile", str(REPO / "config/tiny.yaml"))
     assert "train_model" in proc.stdout and "evaluate_model" in proc.stdout
+    assert "hamil train --store" in proc.stdout and "torchrun" not in proc.stdout
+    # a training job given several GPUs is launched as one DDP process per GPU
+    proc = snakemake(
+        tmp_path,
+        *("-n", "-p", "-R", "train_model", "--set-resources", "train_model:gpu=2", "--resources", "gpu=2"),
+        *("--configfile", str(REPO / "config/tiny.yaml")),
+    )
+    assert "torchrun --standalone --nproc-per-node 2 -m hamil.cli train --store" in proc.stdout
     proc = snakemake(
         tmp_path, "bags", "-n", "-R", "bags_dataset", "--configfile", str(REPO / "config/tiny.yaml")
     )

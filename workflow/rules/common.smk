@@ -13,6 +13,14 @@ SEEDS = [int(s) for s in config["seeds"]]
 TRAIN_GPUS = int(config.get("train_gpus", 1 if shutil.which("nvidia-smi") else 0))
 
 
+def train_launcher(wildcards, resources):
+    """`hamil` for one process; `torchrun` with one DDP process per GPU when a job has several."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc-per-node {gpus} -m hamil.cli"
+    return "hamil"
+
+
 wildcard_constraints:
     ds="|".join(DATASETS),
     model="|".join(MODELS),
@@ -35,7 +43,9 @@ def cli_options(values):
             parts.append(f"--{name} {' '.join(shlex.quote(str(v)) for v in value)}")
         elif isinstance(value, dict):
             parts.append(f"--{name} {shlex.quote(json.dumps(value))}")
-        elif value is not None:
+        elif value is None:
+            parts.append(f"--{name} none")  # optional fields: None, not the default
+        else:
             parts.append(f"--{name} {shlex.quote(str(value))}")
     return " ".join(parts)
 

@@ -15,6 +15,7 @@ rule train_model:
         history="results/{ds}/{model}/seed{seed}/history.csv",
     params:
         out_dir=subpath(output.best, parent=True),
+        launcher=train_launcher,
         options=lambda w: cli_options(
             {
                 **config.get("train", {}),
@@ -31,5 +32,5 @@ rule train_model:
     benchmark:
         "benchmarks/out/{ds}/train_{model}_seed{seed}.tsv"
     shell:
-        "hamil train --store {input.store} --out-dir {params.out_dir} --model {wildcards.model}"
+        "{params.launcher} train --store {input.store} --out-dir {params.out_dir} --model {wildcards.model}"
         " --seed {wildcards.seed} --threads {threads} {params.options} > {log} 2>&1"
