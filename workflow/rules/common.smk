@@ -32,8 +32,11 @@ def ds_config(ds):
     return config["datasets"][ds]
 
 
-def cli_options(values):
-    """{'patch_size': 64, 'split_ratio': [4, 1, 5], 'augment': False} -> '--patch-size 64 --split-ratio 4 1 5 --no-augment'."""
+def cli_options(values, explicit_none=False):
+    """{'patch_size': 64, 'split_ratio': [4, 1, 5], 'augment': False} -> '--patch-size 64 --split-ratio 4 1 5 --no-augment'.
+
+    None values are left out (the CLI default applies), or passed as `none` with `explicit_none`.
+    """
     parts = []
     for key, value in (values or {}).items():
         name = key.replace("_", "-")
@@ -44,7 +47,8 @@ def cli_options(values):
         elif isinstance(value, dict):
             parts.append(f"--{name} {shlex.quote(json.dumps(value))}")
         elif value is None:
-            parts.append(f"--{name} none")  # optional fields: None, not the default
+            if explicit_none:
+                parts.append(f"--{name} none")
         else:
             parts.append(f"--{name} {shlex.quote(str(value))}")
     return " ".join(parts)

@@ -20,7 +20,8 @@ rule train_model:
             {
                 **config.get("train", {}),
                 "model_options": config.get("model_options", {}).get(w.model, {}),
-            }
+            },
+            explicit_none=True,  # e.g. patience: null means never stop early, not the default
         ),
     threads: config.get("train_threads", 2)
     resources:
