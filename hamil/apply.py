@@ -330,9 +330,27 @@ def predict_images(
         params.instance_shape,
         dev,
     )
+    _warn_large_bags(bags, ckpt.get("store_attrs") or {})
     done, probs, instance_rows, skipped = _run(model, bags, params, dev, batch_bags, instance_scores)
     _write_outputs(out, done, probs, class_names, cut, instance_rows, skipped, instance_scores)
     return out
+
+
+def _warn_large_bags(bags: Sequence[BagImages], store_attrs: dict) -> None:
+    """Training bags held at most ``max_bag_size`` instances; much larger bags are out of distribution
+    (and slow for tree models, whose depth grows with the bag)."""
+    limit = (store_attrs.get("bags") or {}).get("max_bag_size")
+    if limit is None:
+        return
+    large = [b.bag for b in bags if len(b.paths) > int(limit)]
+    if large:
+        log.warning(
+            "%d bag(s) have more images than the training bags had instances (max_bag_size %d), e.g. %s; "
+            "consider splitting them",
+            len(large),
+            int(limit),
+            ", ".join(large[:3]),
+        )
 
 
 def thresholds_for(

@@ -214,6 +214,37 @@ def cmd_predict(args: argparse.Namespace) -> None:
     log.info("predict: outputs in %s", out)
 
 
+def cmd_mil_bench(args: argparse.Namespace) -> None:
+    from hamil.mil_bench import run_mil_bench
+
+    try:
+        options = json.loads(args.model_options)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--model-options is not valid JSON ({err})") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise InputError(
+            '--model-options must be a JSON object of objects, e.g. {"hamil": {"kernel_size": 3}}'
+        )
+    summary = run_mil_bench(
+        args.input,
+        args.out_dir,
+        args.models,
+        folds=args.folds,
+        repeats=args.repeats,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        dropout=args.dropout,
+        batch_bags=args.batch_bags,
+        seed=args.seed,
+        options=options,
+        threads=args.threads,
+    )
+    print((Path(args.out_dir) / "summary.md").read_text(), end="")
+    log.info("mil-bench: %d models; tables in %s", len(summary), args.out_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hamil`` command."""
     from hamil.config import TrainConfig
@@ -326,6 +357,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-bags", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "mil-bench", help="classical MIL benchmarks (MUSK, Fox, ...): repeated cross-validation"
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="one instance per row: CSV label,bag,f1,... (no header; labels 0/1 or -1/1), "
+        "or a TSV/CSV with a header naming bag and label (other columns: features)",
+    )
+    p.add_argument("--out-dir", required=True, help="output folder (summary.tsv, summary.md, folds.tsv)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["hamil", "hamil_a", "attention", "gated_attention", "mean", "max"],
+        help="aggregators from the model registry (default: the six of Table S3)",
+    )
+    p.add_argument("--folds", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5, help="cross-validation repeats with fold seeds seed+r")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (paper: 1e-4)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.005)
+    p.add_argument("--dropout", type=float, default=0.2, help="after each fc layer of the instance network")
+    p.add_argument("--batch-bags", type=int, default=1, help="bags per SGD step (paper: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
+    p.add_argument(
+        "--model-options", default="{}", help='aggregator options as JSON, e.g. {"hamil": {"kernel_size": 3}}'
+    )
+    p.set_defaults(func=cmd_mil_bench)
     return parser
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+SCHEDULES = ("constant", "cosine", "plateau")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+MONITORS = ("macro_auc", "macro_f1", "micro_f1", "loss")
+
 
 @dataclass
 class TrainConfig:
@@ -48,6 +52,28 @@ class TrainConfig:
         "threads",
         "tensorboard",
     )
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_bags": self.batch_bags >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "dropout": 0 <= self.dropout < 1,
+            "jitter": 0 <= self.jitter < 1,  # contrast 1 - jitter must stay positive
+            "accumulate": self.accumulate >= 1,
+            "patience": self.patience is None or self.patience >= 1,
+            "max_instances": self.max_instances is None or self.max_instances >= 1,
+            "num_workers": self.num_workers >= 0,
+            "schedule": self.schedule in SCHEDULES,
+            "amp": self.amp in AMP_MODES,
+            "monitor": self.monitor in MONITORS,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "invalid training option(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            )
 
     def aggregator_options(self) -> dict[str, Any]:
         """``model_options`` plus the run's seed for RAMIL's pairing-order generator."""

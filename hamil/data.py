@@ -82,19 +82,31 @@ def random_dihedral(patches: torch.Tensor, rng: np.random.Generator) -> torch.Te
     return torch.stack(out) if out else patches
 
 
-def intensity_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` -> float in [0, 1] with a random contrast and brightness per instance.
+def jitter_factors(
+    seed: int, epoch: int, bags: Sequence[int], sizes: Sequence[int], strength: float
+) -> torch.Tensor:
+    """Per-instance ``(contrast, brightness)`` ``(N, 2)`` for a batch, drawn from ``(seed, epoch, bag)``.
 
-    Contrast is drawn from ``U(1 - s, 1 + s)`` and brightness from ``U(-s / 2, s / 2)`` (``s`` =
-    ``strength``); the draws use the CPU ``generator`` so they are reproducible on any device.
+    Contrast is uniform in ``1 ± s`` and brightness in ``± s / 2`` (``s`` = ``strength``). Keyed like the
+    other augmentation draws, so they do not depend on ranks, workers or where a run resumed.
+    """
+    draws = [
+        np.random.default_rng([seed, epoch, int(bag), 1]).uniform(-1.0, 1.0, (int(n), 2))
+        for bag, n in zip(bags, sizes, strict=True)
+    ]
+    unit = torch.from_numpy(np.concatenate(draws) if draws else np.zeros((0, 2))).float()  # (N, 2)
+    return unit * torch.tensor([strength, strength / 2]) + torch.tensor([1.0, 0.0])
+
+
+def intensity_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` -> float in [0, 1], times ``factors[:, 0]`` plus ``factors[:, 1]``.
+
+    Runs on the images' device, after the late uint8 -> float conversion.
     """
     n = images.shape[0]
-    contrast = 1.0 + strength * (2.0 * torch.rand(n, generator=generator) - 1.0)  # (N,)
-    brightness = 0.5 * strength * (2.0 * torch.rand(n, generator=generator) - 1.0)  # (N,)
+    factors = factors.to(images.device)
     x = images.float() / 255.0  # (N, C, H, W)
-    scale = contrast.to(x.device).view(n, 1, 1, 1)
-    shift = brightness.to(x.device).view(n, 1, 1, 1)
-    return (x * scale + shift).clamp_(0.0, 1.0)
+    return (x * factors[:, 0].view(n, 1, 1, 1) + factors[:, 1].view(n, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def collate_bags(

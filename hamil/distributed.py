@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,14 @@ class DistContext:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.cpu()
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` as a list in rank order (pickled; ``[obj]`` with one process)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` of rank 0 on every rank, on the CPU (identity with one process)."""
         if self.world == 1:
@@ -54,24 +63,28 @@ class DistContext:
 
 def setup_distributed(
     device_name: str = "auto", timeout_s: float = 1800.0
-) -> tuple[DistContext, torch.device]:
+) -> tuple[DistContext, torch.device, bool]:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), else run as one process.
 
-    Backend NCCL with one GPU per rank (``LOCAL_RANK``) when CUDA is used, gloo on CPU.
+    Backend NCCL with one GPU per rank (``LOCAL_RANK``) when CUDA is used, gloo on CPU. The flag says
+    whether this call joined the group (and so should leave it).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(device_name)
     if world <= 1:
-        return DistContext(device=device), device
+        return DistContext(device=device), device, False
     rank = int(os.environ["RANK"])
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if "LOCAL_RANK" not in os.environ:
+            raise ValueError("WORLD_SIZE > 1 without LOCAL_RANK: launch with torchrun (one GPU per process)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     log.info("rank %d of %d on %s (%s)", rank, world, device, backend)
-    return DistContext(rank, world, device), device
+    return DistContext(rank, world, device), device, joined
 
 
 def cleanup_distributed() -> None:

@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hamil.checkpoint import load_checkpoint, save_checkpoint
-from hamil.config import TrainConfig
-from hamil.data import BagDataset, intensity_jitter, make_loader
+from hamil.config import AMP_MODES, SCHEDULES, TrainConfig
+from hamil.data import BagDataset, intensity_jitter, jitter_factors, make_loader
 from hamil.distributed import DistContext, cleanup_distributed, setup_distributed
 from hamil.errors import TrainingDiverged
 from hamil.metrics import compute_metrics
@@ -46,8 +46,6 @@ HISTORY_FIELDS = (
     "lr",
     "seconds",
 )
-SCHEDULES = ("constant", "cosine", "plateau")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -60,11 +58,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ctx, device = setup_distributed(cfg.device)
+    ctx, device, joined = setup_distributed(cfg.device)
     try:
         return Trainer(cfg, ctx, device).fit(resume)
     finally:
-        cleanup_distributed()
+        if joined:
+            cleanup_distributed()
 
 
 class _LossModule(nn.Module):
@@ -101,15 +100,16 @@ class Trainer:
         self.loss_module: nn.Module = _LossModule(self.model)
         if ctx.world > 1:
             if device.type == "cuda" and cfg.sync_batch_norm:
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                self.loss_module = _LossModule(self.model)
+                # the backbone only: the aggregation unit runs once per tree level, a number that differs
+                # between ranks, and synchronised batch norm needs the same collectives on every rank
+                self.model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.backbone)
+            torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # dropout masks differ between ranks
             ids = [device.index] if device.type == "cuda" else None
             self.loss_module = DistributedDataParallel(self.loss_module, device_ids=ids)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.amp_dtype = amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.jitter_rng = torch.Generator().manual_seed(cfg.seed)
         pin = device.type == "cuda"
         self.train_loader = make_loader(
             BagDataset(store, train_bags, cfg.max_instances, cfg.augment, cfg.seed),
@@ -148,10 +148,20 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> None:
         start = time.perf_counter()
         train_loss = self._train_epoch(epoch)
-        row = self._validate(epoch, train_loss) if self.ctx.is_main else {}
+        row, failure = {}, None
+        if self.ctx.is_main:
+            try:
+                row = self._validate(epoch, train_loss)
+            except TrainingDiverged as err:
+                failure = err
         # rank 0 decides; every rank steps its schedule with the same score and stops together
         score = self._monitor_score(row) if row else 0.0
-        score = float(self.ctx.broadcast(torch.tensor([score], dtype=torch.float64))[0])
+        shared = self.ctx.broadcast(torch.tensor([score, failure is not None], dtype=torch.float64))
+        if failure is not None:
+            raise failure
+        if shared[1]:
+            raise TrainingDiverged(f"rank 0 stopped after epoch {epoch} (non-finite validation outputs)")
+        score = float(shared[0])
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(score)
         elif self.scheduler is not None:
@@ -166,10 +176,11 @@ class Trainer:
                 "epoch": epoch,
                 **{k: v for k, v in row.items() if k.startswith("val_")},
             }
+        rng_states = self.ctx.gather_objects(self._rng_state())  # every rank's generators, on rank 0
         if self.ctx.is_main:
             row["seconds"] = time.perf_counter() - start
             self.history.append(row)
-            payload = self._payload(row)
+            payload = self._payload(row, rng_states)
             if improved:
                 save_checkpoint(self.out / "best.pt", payload)
             save_checkpoint(self.out / "last.pt", payload)
@@ -192,13 +203,17 @@ class Trainer:
             self.train_loader, desc=f"epoch {epoch}", leave=False, mininterval=5.0, disable=not ctx.is_main
         )
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (images, sizes, labels, _) in enumerate(bar, start=1):
+        for i, (images, sizes, labels, bags) in enumerate(bar, start=1):
             images = images.to(self.device, non_blocking=True)  # (N, C, H, W) uint8
             if cfg.augment and cfg.jitter > 0:
-                images = intensity_jitter(images, cfg.jitter, self.jitter_rng)  # (N, C, H, W) float
+                factors = jitter_factors(cfg.seed, epoch, bags.tolist(), sizes.tolist(), cfg.jitter)  # (N, 2)
+                images = intensity_jitter(images, factors)  # (N, C, H, W) float
             sizes, labels = sizes.to(self.device), labels.to(self.device)  # (B,), (B, K)
             local_items = float(sizes.sum()) if self.model.instance_level else float(len(sizes))
             last_micro = i % cfg.accumulate == 0 or i == steps
+            group = min(
+                cfg.accumulate, steps - (i - 1) // cfg.accumulate * cfg.accumulate
+            )  # batches this step
             sync = contextlib.nullcontext()
             if not last_micro and isinstance(self.loss_module, DistributedDataParallel):
                 sync = self.loss_module.no_sync()
@@ -213,7 +228,7 @@ class Trainer:
                 if not math.isfinite(step_total[0]):
                     self._diverged(epoch, i, steps, float(step_total[0]))
                 # DDP averages gradients over ranks, so world * local sum / global count is the global mean
-                loss = loss_sum * (ctx.world / float(step_total[1]) / cfg.accumulate)
+                loss = loss_sum * (ctx.world / float(step_total[1]) / group)
                 self.scaler.scale(loss).backward()
             total += step_total
             if last_micro:
@@ -270,7 +285,7 @@ class Trainer:
         return f"last good checkpoint: {self.out / 'last.pt'} (epoch {self.epoch})"
 
     # ---- checkpoints and resumption ---------------------------------------------------------------------
-    def _payload(self, row: dict[str, float]) -> dict[str, Any]:
+    def _payload(self, row: dict[str, float], rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "config": self.cfg.to_dict(),
             "class_names": self.store.class_names,
@@ -278,6 +293,8 @@ class Trainer:
                 "patch_shape": list(self.store.patch_shape),
                 "source": self.store.attrs.get("source"),
                 "crop": self.store.attrs.get("crop"),
+                "bags": self.store.attrs.get("params"),
+                "max_instances": self.cfg.max_instances,
             },
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -290,15 +307,27 @@ class Trainer:
             "best": self.best,
             "stale": self.stale,
             "finished": self.finished,
-            "rng": self._rng_state(),
+            "amp": str(self.amp_dtype),
+            "rng": rng_states,
         }
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
-        if not path.is_file():
+        found = path.is_file()
+        if self.ctx.world > 1:  # every rank must see the same last.pt, or their collectives would drift apart
+            epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"] if found else 0
+            first = int(self.ctx.broadcast(torch.tensor([epoch], dtype=torch.float64))[0])
+            if first != epoch:
+                raise InputError(f"{path}: rank {self.ctx.rank} sees epoch {epoch}, rank 0 epoch {first}")
+        if not found:
             log.info("resume: no %s yet, starting from the beginning", path)
             return
         ckpt = load_checkpoint(path, num_classes=len(self.store.class_names))
+        if ckpt.get("amp", str(self.amp_dtype)) != str(self.amp_dtype):
+            raise InputError(
+                f"{path}: trained with autocast {ckpt['amp']}, this device gives {self.amp_dtype}; "
+                "resume with the same --amp and device type"
+            )
         _check_resumable(path, ckpt["config"], self.cfg)
         if ckpt["class_names"] != self.store.class_names:
             raise InputError(
@@ -308,13 +337,22 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.history, self.best, self.stale = ckpt["history"], ckpt["best"], ckpt["stale"]
         self.finished = ckpt["finished"] or (
             self.cfg.patience is not None and self.stale >= self.cfg.patience
         )
-        self._set_rng_state(ckpt["rng"])
+        states = ckpt["rng"]
+        if len(states) != self.ctx.world:
+            log.warning(
+                "%s was written by %d ranks, now %d: random streams restart",
+                path,
+                len(states),
+                self.ctx.world,
+            )
+        self._set_rng_state(states[self.ctx.rank % len(states)])
         log.info("resumed from %s at epoch %d (optimizer step %d)", path, self.epoch, self.global_step)
 
     def _rng_state(self) -> dict[str, Any]:
@@ -322,7 +360,7 @@ class Trainer:
         version, py_state, py_gauss = random.getstate()
         return {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "numpy": {
                 "keys": torch.from_numpy(keys.astype(np.int64)),
                 "pos": pos,
@@ -330,7 +368,6 @@ class Trainer:
                 "gauss": gauss,
             },
             "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-            "jitter": self.jitter_rng.get_state(),
             "modules": {
                 name: m.rng_state() for name, m in self.model.named_modules() if hasattr(m, "rng_state")
             },
@@ -338,14 +375,13 @@ class Trainer:
 
     def _set_rng_state(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if state["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
         np_state = state["numpy"]
         keys = np_state["keys"].numpy().astype(np.uint32)
         np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))  # noqa: NPY002
         py = state["python"]
         random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-        self.jitter_rng.set_state(state["jitter"])
         modules = dict(self.model.named_modules())
         for name, module_state in state["modules"].items():
             modules[name].set_rng_state(module_state)

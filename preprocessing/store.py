@@ -239,7 +239,10 @@ class ChunkFileReader:
         codecs = [c.get("name") for c in meta.get("codecs", [])]
         decoders = {(): None, ("blosc",): numcodecs.Blosc(), ("zstd",): numcodecs.Zstd()}
         if (
-            meta.get("data_type") != "uint8"
+            meta.get("zarr_format") != 3
+            or meta.get("node_type") != "array"
+            or meta.get("storage_transformers")
+            or meta.get("data_type") != "uint8"
             or len(shape) != 4
             or grid.get("name") != "regular"
             or grid.get("configuration", {}).get("chunk_shape") != [1, *shape[1:]]
@@ -255,6 +258,8 @@ class ChunkFileReader:
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Patches ``rows`` as ``(len(rows), C, H, W)`` uint8."""
         out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        if len(rows) and (int(np.min(rows)) < 0 or int(np.max(rows)) >= self.shape[0]):
+            raise IndexError(f"{self.folder}: patch rows outside 0..{self.shape[0] - 1}")
         for k, row in enumerate(rows):
             try:
                 data = (self.folder / "c" / str(int(row)) / "0" / "0" / "0").read_bytes()

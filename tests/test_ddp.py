@@ -105,6 +105,7 @@ def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, model, freez
         augment=False,
         patience=None,
         freeze_batch_norm=freeze_batch_norm,
+        device="cpu",  # gloo, whatever the machine has
     )
     train(TrainConfig(**cfg, out_dir=str(tmp_path / "one")))
     ctx = mp.start_processes(
@@ -125,3 +126,7 @@ def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, model, freez
     np.testing.assert_allclose(two.train_loss, one.train_loss, rtol=rtol)
     a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
     assert a["global_step"] == b["global_step"]
+    assert len(b["rng"]) == 2  # both ranks' generators are saved for an exact resume
+    if freeze_batch_norm:
+        for key, value in a["model"].items():
+            torch.testing.assert_close(b["model"][key], value, rtol=1e-3, atol=1e-5, msg=key)

@@ -49,3 +49,11 @@ def test_other_layouts_fall_back_to_zarr(tmp_path):
     sharded[:] = 1
     assert ChunkFileReader.open(tmp_path / "s.zarr" / "sharded") is None
     assert ChunkFileReader.open(tmp_path / "missing") is None
+
+
+def test_rows_outside_the_array_are_an_error(tmp_path):
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    create_patch_array(root, 3, 3, 4)[:] = 1
+    reader = ChunkFileReader.open(tmp_path / "s.zarr" / "patches")
+    with pytest.raises(IndexError, match=r"outside 0\.\.2"):
+        reader.read(np.array([1, 3]))

@@ -132,5 +132,7 @@ def test_schedules(tmp_path):
             if sched is not None:
                 sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(1.0 if schedule == "constant" else 0.0, abs=1e-12)
-    with pytest.raises(ValueError, match="schedule must be one of"):
-        make_scheduler(TrainConfig("s", "o", schedule="linear"), torch.optim.Adam([param]))
+    with pytest.raises(ValueError, match=r"invalid training option\(s\): schedule='linear'"):
+        TrainConfig("s", "o", schedule="linear")
+    with pytest.raises(ValueError, match=r"jitter=1\.5, patience=0"):
+        TrainConfig("s", "o", jitter=1.5, patience=0)

@@ -68,6 +68,7 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
         max_instances=4,  # random instance subsets
         threads=1,
         patience=None,
+        device="cpu",  # the exact-equality tests are CPU guarantees
     )
     return TrainConfig(store=str(store), out_dir=str(out), **{**base, **kw})
 
@@ -169,12 +170,21 @@ def test_real_divergence_is_reported_on_one_line(tmp_path, small_store, capsys):
     )
 
 
-def test_accumulation_counts_optimizer_steps(tmp_path, small_store):
-    one = train(_cfg(small_store, tmp_path / "a1", model="mean", epochs=1, accumulate=1))
-    two = train(_cfg(small_store, tmp_path / "a2", model="mean", epochs=1, accumulate=2))
-    steps = [load_checkpoint(tmp_path / d / "last.pt")["global_step"] for d in ("a1", "a2")]
-    assert steps[1] == math.ceil(steps[0] / 2) and steps[0] > 2
-    assert math.isfinite(one["val_loss"]) and math.isfinite(two["val_loss"])
+def test_accumulation_equals_the_larger_batch(tmp_path, small_store):
+    """Two batches of 2 bags accumulated = one batch of 4 (same bags: both come from one permutation),
+    including a short last group; batch norm frozen so that batch composition does not matter."""
+    common = dict(model="mean", epochs=2, dropout=0.0, freeze_batch_norm=True)
+    train(_cfg(small_store, tmp_path / "big", batch_bags=4, accumulate=1, **common))
+    train(_cfg(small_store, tmp_path / "acc", batch_bags=2, accumulate=2, **common))
+    train(_cfg(small_store, tmp_path / "small", batch_bags=2, accumulate=1, **common))
+    big, acc, small = (load_checkpoint(tmp_path / d / "last.pt") for d in ("big", "acc", "small"))
+    assert big["global_step"] == acc["global_step"] > 2
+    for key, value in big["model"].items():
+        if value.is_floating_point():
+            # float summation order only (Adam magnifies it on near-zero gradients), far below what a
+            # different batching gives
+            off = (acc["model"][key] - value).abs().max().item()
+            assert off < 1e-4 and off <= 0.01 * (small["model"][key] - value).abs().max().item() + 1e-7, key
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, small_store):
