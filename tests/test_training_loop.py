@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_shard  # tests/ is on sys.path (rootdir conftest)
 
 from hamil.checkpoint import load_checkpoint
 from hamil.cli import main
@@ -25,7 +26,6 @@ from hamil.models.model import MILModel
 from hamil.train import amp_dtype, train
 from preprocessing.bags import BagParams, build_bags
 from preprocessing.errors import InputError
-from tests.conftest import write_shard
 
 
 def _store(folder: Path, patch: int, groups: int = 24, seed: int = 0) -> Path:
