@@ -2,6 +2,7 @@
 #   snakemake --cores all                                  full reproduction (config/config.yaml)
 #   snakemake --cores all --configfile config/demo.yaml    synthetic demo
 #   snakemake --cores all bags                             one stage (targets: acquire crop bags train evaluate figures compare)
+#   snakemake --report report.html                         browsable report of the figures and tables
 
 from snakemake.utils import min_version, validate
 
@@ -15,6 +16,9 @@ if not workflow.overwrite_configfiles:
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

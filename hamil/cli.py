@@ -186,10 +186,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
-    from hamil.figures import plot_curves
+    from hamil.run_figures import draw_run_figures
 
-    run = Path(args.run_dir)
-    plot_curves(run / "history.csv", run / "curves.png", title=args.title or str(run))
+    written = draw_run_figures(
+        args.run_dir,
+        args.store,
+        args.split,
+        args.compare_run,
+        args.bags,
+        args.instances,
+        args.seed,
+        args.title or str(args.run_dir),
+        args.device,
+    )
+    log.info("figures: %s", ", ".join(str(p) for p in written))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -324,9 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("figures", help="draw the figures of a training run")
+    p = sub.add_parser("figures", help="draw the figures of a training run (PNG and SVG)")
     p.add_argument("--run-dir", required=True, help="results/<ds>/<model>/seed<k>")
     p.add_argument("--title", default="")
+    p.add_argument("--store", help="the bag store: adds the tSNE and instance-score figures")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument(
+        "--compare-run", nargs="*", default=[], help="other runs whose instance scores are shown beside"
+    )
+    p.add_argument("--bags", type=int, default=4, help="bags (rows) in the instance-score figure")
+    p.add_argument("--instances", type=int, default=8, help="instances shown per bag at most")
+    p.add_argument("--seed", type=int, default=0, help="tSNE and the choice of bags")
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("compare", help="gather metrics of all models and seeds into one table")

@@ -82,12 +82,20 @@ def test_end_to_end_tiny(tmp_path):
         run = results / model / "seed0"
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["model"] == model and 0 <= metrics["micro_f1"] <= 1
-        assert (run / "curves.png").stat().st_size > 1000
+        for name in ("curves", "roc", "tsne", "instance_scores"):
+            assert (run / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and (run / f"{name}.svg").is_file()
+            assert (run / f"{name}.png").stat().st_size > 5000, name
     md = (results / "comparison.md").read_text()
     assert "| hamil |" in md and "| mean |" in md
     crop_stats = json.loads((tmp_path / "data/interim/tiny/patches/0.json").read_text())
     assert crop_stats["recall"] >= 0.8
     assert (tmp_path / "logs/tiny/train_hamil_seed0.log").is_file()
+    # the browsable report: every figure and the comparison table, with captions
+    snakemake(tmp_path, "--report", "report.html", "--configfile", str(REPO / "config/tiny.yaml"))
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000
+    for needle in ("tsne.png", "instance_scores.png", "roc.png", "curves.png", "comparison.tsv", "tSNE of"):
+        assert needle in html, needle
     # nothing left to do; a single stage target and a forced rerun of one job rule are both accepted
     assert (
         "Nothing to be done"

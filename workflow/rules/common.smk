@@ -13,6 +13,13 @@ SEEDS = [int(s) for s in config["seeds"]]
 TRAIN_GPUS = int(config.get("train_gpus", 1 if shutil.which("nvidia-smi") else 0))
 
 
+def compare_checkpoints(wildcards):
+    """RAMIL's checkpoint for the same dataset and seed, shown beside HAMIL's instance scores."""
+    if wildcards.model == "hamil" and "ramil" in MODELS:
+        return [f"results/{wildcards.ds}/ramil/seed{wildcards.seed}/best.pt"]
+    return []
+
+
 def train_launcher(wildcards, resources):
     """`hamil` for one process; `torchrun` with one DDP process per GPU when a job has several."""
     gpus = int(resources.get("gpu", 0) or 0)

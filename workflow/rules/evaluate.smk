@@ -41,24 +41,65 @@ rule evaluate_model:
 rule figures_run:
     input:
         history="results/{ds}/{model}/seed{seed}/history.csv",
+        checkpoint="results/{ds}/{model}/seed{seed}/best.pt",
+        predictions="results/{ds}/{model}/seed{seed}/predictions.tsv",
+        store="data/processed/{ds}.zarr",
+        compare=compare_checkpoints,
     output:
-        curves="results/{ds}/{model}/seed{seed}/curves.png",
+        curves=report(
+            "results/{ds}/{model}/seed{seed}/curves.png",
+            caption="../report/curves.rst",
+            category="{ds}",
+            subcategory="{model} seed {seed}",
+        ),
+        roc=report(
+            "results/{ds}/{model}/seed{seed}/roc.png",
+            caption="../report/roc.rst",
+            category="{ds}",
+            subcategory="{model} seed {seed}",
+        ),
+        tsne=report(
+            "results/{ds}/{model}/seed{seed}/tsne.png",
+            caption="../report/tsne.rst",
+            category="{ds}",
+            subcategory="{model} seed {seed}",
+        ),
+        scores=report(
+            "results/{ds}/{model}/seed{seed}/instance_scores.png",
+            caption="../report/instance_scores.rst",
+            category="{ds}",
+            subcategory="{model} seed {seed}",
+        ),
+        svg=multiext("results/{ds}/{model}/seed{seed}/", "curves.svg", "roc.svg", "tsne.svg", "instance_scores.svg"),
     params:
         run_dir=subpath(input.history, parent=True),
         title="{ds} {model} seed {seed}",
+        split=config.get("evaluate", {}).get("split", "test"),
+        compare=lambda w, input: (
+            "--compare-run " + " ".join(str(Path(c).parent) for c in input.compare) if input.compare else ""
+        ),
+    threads: 2
     conda:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/figures_{model}_seed{seed}.log",
+    benchmark:
+        "benchmarks/out/{ds}/figures_{model}_seed{seed}.tsv"
     shell:
-        "hamil figures --run-dir {params.run_dir} --title '{params.title}' > {log} 2>&1"
+        "hamil figures --run-dir {params.run_dir} --title '{params.title}' --store {input.store}"
+        " --split {params.split} --seed {wildcards.seed} {params.compare} > {log} 2>&1"
 
 
 rule compare_dataset:
     input:
         metrics=lambda w: expand("results/{ds}/{model}/seed{seed}/metrics.json", ds=w.ds, model=MODELS, seed=SEEDS),
     output:
-        tsv="results/{ds}/comparison.tsv",
+        tsv=report(
+            "results/{ds}/comparison.tsv",
+            caption="../report/comparison.rst",
+            category="{ds}",
+            subcategory="comparison",
+        ),
         md="results/{ds}/comparison.md",
     params:
         title="{ds}: test split",
