@@ -188,6 +188,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_figures(args: argparse.Namespace) -> None:
     from hamil.run_figures import draw_run_figures
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
     written = draw_run_figures(
         args.run_dir,
         args.store,
@@ -198,6 +203,7 @@ def cmd_figures(args: argparse.Namespace) -> None:
         args.seed,
         args.title or str(args.run_dir),
         args.device,
+        args.batch_bags,
     )
     log.info("figures: %s", ", ".join(str(p) for p in written))
 
@@ -346,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=8, help="instances shown per bag at most")
     p.add_argument("--seed", type=int, default=0, help="tSNE and the choice of bags")
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-bags", type=int, default=8, help="whole bags per forward pass")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("compare", help="gather metrics of all models and seeds into one table")

@@ -107,6 +107,8 @@ def embed_2d(x: np.ndarray, seed: int) -> np.ndarray:
     Fewer than 4 points are placed by PCA (tSNE needs a perplexity below ``n``).
     """
     x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0 or np.ptp(x, axis=0).max() == 0:  # identical points (a collapsed model): no spread
+        return np.zeros((len(x), 2))
     if len(x) < 4:
         centred = x - x.mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)

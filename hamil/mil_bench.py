@@ -58,13 +58,13 @@ PAPER_NAMES = {
     "nan": "NAN",
     "deepmiml": "DeepMIML",
 }
-#: Aggregator options used here unless overridden: vectors need HAMIL's 1-D unit; the attention
-#: embedding and attention layer are 64 wide, like the 64-d instance features they get (our choice).
+#: Aggregator options used here unless overridden: vectors need HAMIL's 1-D unit; the attention models
+#: act on the fc-64 outputs directly, with a 64-wide attention layer (Ilse et al.'s networks).
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "hamil": {"dims": 1},
     "ramil": {"dims": 1},
-    "attention": {"embed_dim": 64, "attention_dim": 64},
-    "gated_attention": {"embed_dim": 64, "attention_dim": 64},
+    "attention": {"embed_dim": None, "attention_dim": 64},
+    "gated_attention": {"embed_dim": None, "attention_dim": 64},
 }
 #: Registry models that need training this module does not do (instance-level training).
 UNSUPPORTED = {"si": "the single-instance baseline trains instances alone; not part of the MIL benchmarks"}
@@ -407,32 +407,36 @@ def cross_validate(
     opts = model_options(models, options)
     for model in models:  # bad options fail here, before any training
         MILNet(bags.features.shape[1], model, dropout=dropout, **opts[model])
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    rows = []
-    for repeat, fold, train, test in fold_splits(bags.labels, folds, repeats, seed):
-        scaler = fit_scaler(bags, train)
-        train_t, test_t = fold_tensors(bags, train, scaler), fold_tensors(bags, test, scaler)
-        for model in models:
-            torch_seed, np_seed = _seeds(seed, repeat, fold, model)
-            torch.manual_seed(torch_seed)
-            net = MILNet(bags.features.shape[1], model, dropout=dropout, **opts[model])
-            result = train_and_test(
-                net,
-                train_t,
-                test_t,
-                epochs,
-                lr,
-                momentum,
-                weight_decay,
-                batch_bags,
-                np.random.default_rng(np_seed),
-            )
-            row = {"model": model, "repeat": repeat, "fold": fold, **result}
-            row.update(train_bags=len(train), test_bags=len(test))
-            rows.append(row)
-            if on_fold is not None:
-                on_fold(row)
+    try:
+        rows = []
+        for repeat, fold, train, test in fold_splits(bags.labels, folds, repeats, seed):
+            scaler = fit_scaler(bags, train)
+            train_t, test_t = fold_tensors(bags, train, scaler), fold_tensors(bags, test, scaler)
+            for model in models:
+                torch_seed, np_seed = _seeds(seed, repeat, fold, model)
+                torch.manual_seed(torch_seed)
+                net = MILNet(bags.features.shape[1], model, dropout=dropout, **opts[model])
+                result = train_and_test(
+                    net,
+                    train_t,
+                    test_t,
+                    epochs,
+                    lr,
+                    momentum,
+                    weight_decay,
+                    batch_bags,
+                    np.random.default_rng(np_seed),
+                )
+                row = {"model": model, "repeat": repeat, "fold": fold, **result}
+                row.update(train_bags=len(train), test_bags=len(test))
+                rows.append(row)
+                if on_fold is not None:
+                    on_fold(row)
+    finally:
+        torch.set_num_threads(previous_threads)
     return pd.DataFrame(rows)
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hamil.checkpoint import load_checkpoint
 from hamil.data import BagDataset, make_loader
@@ -31,14 +32,23 @@ def draw_run_figures(
     seed: int = 0,
     title: str = "",
     device: str = "auto",
+    batch_bags: int = 8,
 ) -> list[Path]:
     """Draw every figure the run's files allow; returns the PNG paths (each has an SVG twin).
 
     ``curves`` needs ``history.csv``; ``roc`` the evaluation's ``predictions.tsv``; ``tsne`` and
     ``instance_scores`` the bag store (``best.pt`` is applied to ``split``). ``compare_runs`` add their
-    models' instance scores beside this run's (e.g. RAMIL's run beside HAMIL's).
+    models' instance scores beside this run's (e.g. RAMIL's run beside HAMIL's). Models run on whole bags,
+    ``batch_bags`` at a time.
     """
+    if bags_shown < 1 or instances_shown < 1 or batch_bags < 1:
+        raise InputError("--bags, --instances and --batch-bags must be at least 1")
     run = Path(run_dir)
+    seen = [run.resolve()]
+    for other in compare_runs or []:
+        if Path(other).resolve() in seen:
+            raise InputError(f"{other}: compared twice")
+        seen.append(Path(other).resolve())
     written = [run / "curves.png"]
     plot_curves(run / "history.csv", written[0], title=title)
     if (run / "predictions.tsv").is_file():
@@ -51,30 +61,38 @@ def draw_run_figures(
     if len(bags) == 0:
         raise InputError(f"{store_path}: no bags in the {split} split")
     dev = select_device(device)
-    name, explained = _explain(run / "best.pt", store, bags, dev)
+    name, kind, explained = _explain(run / "best.pt", store, bags, dev, batch_bags)
     written.append(run / "tsne.png")
     plot_tsne(explained, store.class_names, written[-1], seed, f"{title} tSNE ({split})".strip())
     shown = _pick_bags(explained, bags_shown, seed)
-    scores = {name: explained}
+    scores, kinds = {name: explained}, [f"{name}: {kind}"]
     for other in compare_runs or []:
-        other_name, other_explained = _explain(Path(other) / "best.pt", store, bags[shown], dev)
+        other_name, other_kind, other_explained = _explain(
+            Path(other) / "best.pt", store, bags[shown], dev, batch_bags
+        )
+        if other_name in scores:  # e.g. another seed of the same model
+            other_name = f"{other_name} ({Path(other).name})"
         scores[other_name] = _spread(other_explained, explained, shown)
+        kinds.append(f"{other_name}: {other_kind}")
     written.append(run / "instance_scores.png")
     plot_instance_scores(
         _score_rows(store, explained, shown, scores, instances_shown, seed),
         written[-1],
         tuple(scores),
-        f"{title} instance scores ({split})".strip(),
+        f"{title} instance scores ({split}); {'; '.join(kinds)}".strip(),
     )
     return written
 
 
-def _explain(checkpoint: Path, store: BagStore, bags: np.ndarray, device) -> tuple[str, Explained]:
+def _explain(
+    checkpoint: Path, store: BagStore, bags: np.ndarray, device: torch.device, batch_bags: int
+) -> tuple[str, str, Explained]:
+    """The model's display name, what its instance scores are, and its outputs on ``bags``."""
     ckpt = load_checkpoint(checkpoint, num_classes=len(store.class_names))
     model = model_from_checkpoint(ckpt, device)
-    loader = make_loader(BagDataset(store, bags), ckpt["config"].batch_bags, False, 0)
+    loader = make_loader(BagDataset(store, bags), batch_bags, False, 0)
     model_name = ckpt["config"].model
-    return PAPER_NAMES.get(model_name, model_name), explain_batches(model, loader, device)
+    return PAPER_NAMES.get(model_name, model_name), model.score_kind, explain_batches(model, loader, device)
 
 
 def _pick_bags(explained: Explained, count: int, seed: int) -> np.ndarray:

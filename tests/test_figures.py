@@ -7,6 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 from hamil.cli import main
 from hamil.data import BagDataset, make_loader
@@ -87,15 +88,14 @@ def test_tsne_has_one_point_per_bag_of_the_split(runs, tmp_path):
     store_path, run = runs
     store = BagStore(store_path)
     test_bags = store.bags_in("test")
-    _, explained = _explain(run["hamil"] / "best.pt", store, test_bags, __import__("torch").device("cpu"))
+    _, kind, explained = _explain(run["hamil"] / "best.pt", store, test_bags, torch.device("cpu"), 8)
+    assert kind.startswith("cosine similarity")
     assert list(explained.bags) == list(test_bags)
     n_inst, n_bags = plot_tsne(explained, store.class_names, tmp_path / "t.png", seed=0)
     assert n_bags == len(test_bags) and n_inst == int(store.bag_sizes()[test_bags].sum())
 
 
 def test_explained_scores_are_cosine_similarities(runs):
-    import torch
-
     from hamil.checkpoint import load_checkpoint
     from hamil.evaluate import model_from_checkpoint
 
@@ -115,3 +115,33 @@ def test_embedding_and_colours_on_small_inputs():
     assert embed_2d(x, 0).shape == (3, 2) and embed_2d(x[:1], 0).shape == (1, 2)
     np.testing.assert_array_equal(embed_2d(np.tile(x, (4, 1)), 0), embed_2d(np.tile(x, (4, 1)), 0))
     assert first_labels(np.array([[0, 1, 1], [0, 0, 0]]), ["a", "b", "c"]) == ["b", "none"]
+
+
+def test_ramil_scores_beside_hamil_do_not_depend_on_the_batch(runs):
+    """RAMIL's evaluation order is drawn per bag, so the few bags of the figure get the scores (and
+    predictions) they have in the full evaluation."""
+    store_path, run = runs
+    store = BagStore(store_path)
+    bags = store.bags_in("test")
+    cpu = torch.device("cpu")
+    _, _, full = _explain(run["ramil"] / "best.pt", store, bags, cpu, 8)
+    _, _, alone = _explain(run["ramil"] / "best.pt", store, bags[[2, 0]], cpu, 1)
+    for k, pos in enumerate([2, 0]):
+        np.testing.assert_allclose(
+            alone.instance_scores[alone.instance_bag == k],
+            full.instance_scores[full.instance_bag == pos],
+            rtol=1e-5,
+        )
+        np.testing.assert_allclose(alone.probs[k], full.probs[pos], rtol=1e-5)
+
+
+def test_comparing_the_same_run_twice_is_an_error(runs, capsys):
+    store, run = runs
+    args = ["figures", "--run-dir", str(run["hamil"]), "--store", str(store), "--bags", "1"]
+    assert main([*args, "--compare-run", str(run["ramil"]), str(run["ramil"])]) == 2
+    assert "compared twice" in capsys.readouterr().err
+    assert main([*args, "--bags", "0"]) == 2
+
+
+def test_constant_features_embed_without_crashing():
+    assert np.array_equal(embed_2d(np.zeros((6, 4)), 0), np.zeros((6, 2)))

@@ -19,19 +19,26 @@ class AttentionPool(Aggregator):
     """Attention MIL pooling (Ilse, Tomczak & Welling, ICML 2018, Eq. 8) on embedded instance vectors.
 
     ``h_k = ReLU(W_e pool(f_k))``; ``a_k = softmax_k(w^T tanh(V h_k))`` within the bag; ``z = sum_k a_k h_k``.
-    Scores are the weights ``a_k`` (they sum to 1 in each bag).
+    Scores are the weights ``a_k`` (they sum to 1 in each bag). ``embed_dim=None`` drops the embedding
+    (``h_k = pool(f_k)``), as in Ilse et al.'s networks for the classical MIL sets.
     """
+
+    score_kind = "attention weight"
 
     gated = False
 
     def __init__(
-        self, channels: int, embed_dim: int = 256, attention_dim: int = 128, dropout: float = 0.0
+        self, channels: int, embed_dim: int | None = 256, attention_dim: int = 128, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        self.out_channels = embed_dim
-        self.embed = nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
-        self.V = nn.Linear(embed_dim, attention_dim)
-        self.U = nn.Linear(embed_dim, attention_dim) if self.gated else None
+        self.out_channels = channels if embed_dim is None else embed_dim
+        self.embed: nn.Module = (
+            nn.Identity()
+            if embed_dim is None
+            else nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        )
+        self.V = nn.Linear(self.out_channels, attention_dim)
+        self.U = nn.Linear(self.out_channels, attention_dim) if self.gated else None
         self.w = nn.Linear(attention_dim, 1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -64,6 +71,8 @@ class NeuralAggregation(Aggregator):
     the whole maps, so the output is a map ``(B, C, h, w)``. Scores are the block-2 weights.
     """
 
+    score_kind = "attention weight"
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.out_channels = channels
@@ -92,6 +101,7 @@ class DeepMIML(Aggregator):
     """
 
     provides_logits = True
+    score_kind = "largest label score"
 
     def __init__(self, channels: int, num_classes: int, sub_concepts: int = 4, embed_dim: int = 256) -> None:
         super().__init__()

@@ -42,6 +42,13 @@ class MILModel(nn.Module):
         self.head = head
         self.instance_level = bool(getattr(aggregator, "instance_level", False))
 
+    @property
+    def score_kind(self) -> str:
+        """What :meth:`explain`'s instance scores are, for figure titles."""
+        if self.instance_level:
+            return "largest class probability"
+        return getattr(self.aggregator, "score_kind", "cosine similarity with the bag feature")
+
     def forward(self, images: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)  # (N, C, h, w)
         if self.instance_level:

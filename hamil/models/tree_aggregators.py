@@ -159,8 +159,8 @@ class HamilA(Hamil):
 class Ramil(TreeAggregator):
     """RAMIL (ablation): HAMIL's unit applied along a random pairing order.
 
-    In training the order is redrawn at every step; in evaluation a generator seeded with ``seed`` is
-    restarted at every forward call, so predictions are deterministic.
+    In training the order is redrawn at every step. In evaluation each bag's order comes from a generator
+    seeded with ``(seed, bag size)``, so a bag's prediction does not depend on the batch it is in.
     """
 
     def __init__(
@@ -177,12 +177,6 @@ class Ramil(TreeAggregator):
         super().__init__(channels, AggregationUnit(depth, kernel_size, batch_norm, hidden, dims, init))
         self.seed = seed
         self._train_rng = np.random.default_rng(seed)
-        self._eval_rng = np.random.default_rng(seed)
-
-    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
-        if not self.training:
-            self._eval_rng = np.random.default_rng(self.seed)
-        return super().forward(features, bag_sizes)
 
     def rng_state(self) -> str:
         """The training pairing-order generator's state (JSON), saved in checkpoints for exact resume."""
@@ -192,5 +186,6 @@ class Ramil(TreeAggregator):
         self._train_rng.bit_generator.state = json.loads(state)
 
     def bag_tree(self, features: torch.Tensor) -> np.ndarray:
-        rng = self._train_rng if self.training else self._eval_rng
-        return random_merge_order(features.shape[0], rng)
+        n = features.shape[0]
+        rng = self._train_rng if self.training else np.random.default_rng([self.seed, n])
+        return random_merge_order(n, rng)

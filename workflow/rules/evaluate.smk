@@ -87,7 +87,7 @@ rule figures_run:
         "benchmarks/out/{ds}/figures_{model}_seed{seed}.tsv"
     shell:
         "hamil figures --run-dir {params.run_dir} --title '{params.title}' --store {input.store}"
-        " --split {params.split} --seed {wildcards.seed} {params.compare} > {log} 2>&1"
+        " --split {params.split} --seed {wildcards.seed} --threads {threads} {params.compare} > {log} 2>&1"
 
 
 rule compare_dataset:
