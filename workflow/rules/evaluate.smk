@@ -102,7 +102,7 @@ rule compare_dataset:
         ),
         md="results/{ds}/comparison.md",
     params:
-        title="{ds}: test split",
+        title=lambda w: f"{w.ds}: {config.get('evaluate', {}).get('split', 'test')} split",
         reference=lambda w: (
             f"--reference {ds_config(w.ds)['reference']}" if ds_config(w.ds).get("reference") else ""
         ),
