@@ -36,7 +36,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from hamil.models import available, create
+from hamil.models import available, create, paper_name
 from hamil.models.pooling import pool
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path, write_tsv
@@ -45,19 +45,6 @@ log = logging.getLogger("hamil.mil_bench")
 
 #: The models of Table S3, in the paper's order.
 DEFAULT_MODELS = ("hamil", "hamil_a", "attention", "gated_attention", "mean", "max")
-#: Names printed beside the registry names.
-PAPER_NAMES = {
-    "hamil": "HAMIL",
-    "hamil_a": "HAMIL-A",
-    "attention": "Attention",
-    "gated_attention": "Gated attention",
-    "mean": "Mean",
-    "max": "Max",
-    "ramil": "RAMIL",
-    "sum": "Sum",
-    "nan": "NAN",
-    "deepmiml": "DeepMIML",
-}
 #: Aggregator options used here unless overridden: vectors need HAMIL's 1-D unit; the attention models
 #: act on the fc-64 outputs directly, with a 64-wide attention layer (Ilse et al.'s networks).
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -449,7 +436,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         out.append(
             {
                 "model": model,
-                "paper_name": PAPER_NAMES.get(str(model), str(model)),
+                "paper_name": paper_name(str(model)),
                 "folds": len(part),
                 "repeats": part["repeat"].nunique(),
                 "accuracy_mean": part["accuracy"].mean(),

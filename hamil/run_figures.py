@@ -13,13 +13,13 @@ from hamil.checkpoint import load_checkpoint
 from hamil.data import BagDataset, make_loader
 from hamil.evaluate import model_from_checkpoint
 from hamil.figures import plot_curves, plot_instance_scores, plot_roc, plot_tsne
+from hamil.models import paper_name
 from hamil.predict import Explained, explain_batches
 from hamil.seeding import select_device
 from preprocessing.errors import InputError
 from preprocessing.store import BagStore
 
 log = logging.getLogger(__name__)
-PAPER_NAMES = {"hamil": "HAMIL", "hamil_a": "HAMIL-A", "ramil": "RAMIL"}
 
 
 def draw_run_figures(
@@ -92,7 +92,7 @@ def _explain(
     model = model_from_checkpoint(ckpt, device)
     loader = make_loader(BagDataset(store, bags), batch_bags, False, 0)
     model_name = ckpt["config"].model
-    return PAPER_NAMES.get(model_name, model_name), model.score_kind, explain_batches(model, loader, device)
+    return paper_name(model_name), model.score_kind, explain_batches(model, loader, device)
 
 
 def _pick_bags(explained: Explained, count: int, seed: int) -> np.ndarray:

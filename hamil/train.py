@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hamil.checkpoint import load_checkpoint, save_checkpoint
-from hamil.config import AMP_MODES, SCHEDULES, TrainConfig
+from hamil.config import AMP_MODES, TrainConfig
 from hamil.data import BagDataset, intensity_jitter, jitter_factors, make_loader
 from hamil.distributed import DistContext, cleanup_distributed, setup_distributed
 from hamil.errors import TrainingDiverged
@@ -313,16 +313,15 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
-        found = path.is_file()
+        ckpt = load_checkpoint(path, num_classes=len(self.store.class_names)) if path.is_file() else None
         if self.ctx.world > 1:  # every rank must see the same last.pt, or their collectives would drift apart
-            epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"] if found else 0
+            epoch = ckpt["epoch"] if ckpt is not None else 0
             first = int(self.ctx.broadcast(torch.tensor([epoch], dtype=torch.float64))[0])
             if first != epoch:
                 raise InputError(f"{path}: rank {self.ctx.rank} sees epoch {epoch}, rank 0 epoch {first}")
-        if not found:
+        if ckpt is None:
             log.info("resume: no %s yet, starting from the beginning", path)
             return
-        ckpt = load_checkpoint(path, num_classes=len(self.store.class_names))
         if ckpt.get("amp", str(self.amp_dtype)) != str(self.amp_dtype):
             raise InputError(
                 f"{path}: trained with autocast {ckpt['amp']}, this device gives {self.amp_dtype}; "
@@ -388,9 +387,8 @@ class Trainer:
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
-    """The learning-rate schedule of ``cfg.schedule``, stepped once per epoch (``None`` for constant)."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    """The learning-rate schedule of ``cfg.schedule`` (checked by :class:`TrainConfig`), stepped once per
+    epoch (``None`` for constant)."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     if cfg.schedule == "plateau":  # on the monitored validation score, which is maximised

@@ -7,7 +7,7 @@ from torch import nn
 from hamil.models import attention, pooling, tree_aggregators  # noqa: F401  (register the aggregators)
 from hamil.models.backbone import Backbone
 from hamil.models.model import Explanation, Head, MILModel
-from hamil.models.registry import Aggregator, AggregatorOutput, available, create, register
+from hamil.models.registry import Aggregator, AggregatorOutput, available, create, paper_name, register
 
 __all__ = [
     "Aggregator",
@@ -18,6 +18,7 @@ __all__ = [
     "MILModel",
     "available",
     "build_model",
+    "paper_name",
     "register",
 ]
 

@@ -41,6 +41,27 @@ def register(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
     return wrap
 
 
+#: The paper's names of the registered models, for tables and figures.
+PAPER_NAMES: dict[str, str] = {
+    "hamil": "HAMIL",
+    "hamil_a": "HAMIL-A",
+    "ramil": "RAMIL",
+    "si": "SI",
+    "mean": "Mean",
+    "max": "Max",
+    "sum": "Sum",
+    "nan": "NAN",
+    "attention": "Attention",
+    "gated_attention": "Gated attention",
+    "deepmiml": "DeepMIML",
+}
+
+
+def paper_name(name: str) -> str:
+    """The paper's name of model ``name`` (the name itself when the paper has none)."""
+    return PAPER_NAMES.get(name, name)
+
+
 def available() -> list[str]:
     """Names of all registered aggregators (the valid ``model`` values in config)."""
     return sorted(_REGISTRY)
