@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from preprocessing.errors import InputError
+
 SCHEDULES = ("constant", "cosine", "plateau")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 MONITORS = ("macro_auc", "macro_f1", "micro_f1", "loss")
@@ -71,7 +73,7 @@ class TrainConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(
+            raise InputError(
                 "invalid training option(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
             )
 
@@ -91,5 +93,5 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+            raise InputError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**data)

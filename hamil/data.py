@@ -1,4 +1,9 @@
-"""Torch data loading from the bag store: one item per bag, batches packed without padding."""
+"""Torch data loading from the bag store: one item per bag, batches packed without padding.
+
+The dataset (:class:`BagDataset`), the augmentations keyed by ``(seed, epoch, bag)``, the packing collate,
+and both batch samplers: the evaluation one (bags in order) and :class:`InstanceBalancedBatchSampler`,
+which gives every rank about the same number of instances (not bags) of each global batch.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
-from hamil.distributed import InstanceBalancedBatchSampler
 from preprocessing.store import BagStore
 
 
@@ -132,7 +136,7 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader of bag batches packed without padding.
 
-    Training (``shuffle``): an :class:`~hamil.distributed.InstanceBalancedBatchSampler` whose batches and
+    Training (``shuffle``): an :class:`InstanceBalancedBatchSampler` whose batches and
     augmentation draws derive from ``(seed, epoch)``; call ``loader.batch_sampler.set_epoch(e)`` before
     each epoch. ``world``/``rank`` give each process its instance-balanced share of every global batch.
     Evaluation: the bags in order, ``batch_bags`` at a time.
@@ -172,3 +176,73 @@ class _EpochKeys(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+def balance_instances(sizes: Sequence[int], world: int) -> list[list[int]]:
+    """Split positions ``0..len(sizes)-1`` into ``world`` parts with near-equal total size.
+
+    Longest-processing-time rule: largest bag first, each to the part with the fewest instances so far
+    (ties: lowest rank). Positions inside a part keep their input order. Every part is non-empty when
+    ``len(sizes) >= world``.
+    """
+    parts: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for pos in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = min(range(world), key=lambda r: (load[r], len(parts[r]), r))
+        parts[target].append(pos)
+        load[target] += int(sizes[pos])
+    return [sorted(p) for p in parts]
+
+
+class InstanceBalancedBatchSampler(Sampler[list[int]]):
+    """Global batches of ``batch_bags`` bags, each split over ``world`` ranks by instance count.
+
+    The global batches are the same on every rank (drawn from ``(seed, epoch)``), so one process with
+    ``world=1`` sees exactly the union of what the ranks see. A last global batch with fewer bags than
+    ranks is merged into the one before it so that no rank is ever idle. Call :meth:`set_epoch` before
+    each epoch.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int] | np.ndarray,
+        batch_bags: int,
+        world: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if len(sizes) < world:
+            raise ValueError(f"{len(sizes)} bags cannot be shared by {world} ranks")
+        if batch_bags < max(world, 1):
+            raise ValueError(
+                f"batch_bags is the global batch and must be at least the number of ranks ({world})"
+            )
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.batch_bags = batch_bags
+        self.world, self.rank = world, rank
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list[list[int]]:
+        """The epoch's global batches (dataset positions), identical on every rank."""
+        n = len(self.sizes)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        )
+        batches = [order[i : i + self.batch_bags].tolist() for i in range(0, n, self.batch_bags)]
+        if len(batches) > 1 and len(batches[-1]) < self.world:
+            batches[-2].extend(batches.pop())
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            part = balance_instances(self.sizes[batch].tolist(), self.world)[self.rank]
+            yield [batch[i] for i in part]
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sizes), self.batch_bags)
+        return full + (1 if rest and (rest >= self.world or full == 0) else 0)

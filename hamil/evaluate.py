@@ -8,25 +8,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from hamil.checkpoint import load_checkpoint
+from hamil.checkpoint import load_checkpoint, model_from_checkpoint
 from hamil.data import BagDataset, make_loader
+from hamil.inference import predict_batches
 from hamil.metrics import compute_metrics, tune_thresholds
-from hamil.models import MILModel, build_model
-from hamil.predict import predict_batches
-from hamil.seeding import select_device
+from hamil.runtime import select_device
+from hamil.tables import add_probabilities, label_lists
 from preprocessing.errors import InputError
 from preprocessing.io import write_json, write_tsv
 from preprocessing.store import BagStore
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> MILModel:
-    """Rebuild the model a checkpoint was trained with and load its weights (eval mode)."""
-    cfg = ckpt["config"]
-    model = build_model(cfg.model, len(ckpt["class_names"]), None, cfg.dropout, **cfg.aggregator_options())
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 def evaluate(
@@ -99,12 +90,10 @@ def _predictions_table(
     threshold: float,
     tuned: np.ndarray | None,
 ) -> pd.DataFrame:
-    names = np.asarray(store.class_names)
+    names = store.class_names
     table = pd.DataFrame({"bag_id": store.bag_id[index], "group": store.group[index]})
-    table["true_labels"] = [";".join(names[row.astype(bool)]) for row in y]
-    table["predicted_labels"] = [";".join(names[row >= threshold]) for row in probs]
+    table["true_labels"] = label_lists(y > 0, names)
+    table["predicted_labels"] = label_lists(probs >= threshold, names)
     if tuned is not None:
-        table["predicted_labels_tuned"] = [";".join(names[row >= tuned]) for row in probs]
-    for k, name in enumerate(names):
-        table[f"p_{name}"] = np.round(probs[:, k], 6)
-    return table
+        table["predicted_labels_tuned"] = label_lists(probs >= tuned, names)
+    return add_probabilities(table, probs, names)

@@ -36,8 +36,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from hamil.models import available, create, paper_name
-from hamil.models.pooling import pool
+from hamil.models import available, create, model_info, paper_name
+from hamil.models.ops import pool
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path, write_tsv
 
@@ -242,7 +242,7 @@ class MILNet(nn.Module):
             width = out
         self.instance_net = nn.Sequential(*layers)
         self.aggregator = create(model, width, num_classes=1, **options)
-        provides = getattr(self.aggregator, "provides_logits", False)
+        provides = model_info(model).provides_logits
         self.head = nn.Identity() if provides else nn.Linear(self.aggregator.out_channels, 1)
 
     def forward(self, instances: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:

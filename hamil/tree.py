@@ -1,12 +1,15 @@
-"""Merge order of single-linkage agglomerative clustering, exactly as HAMIL's Algorithm 1.
+"""Merge trees of a bag: HAMIL's Algorithm 1, RAMIL's random orders, and the canonical child order.
 
 HAMIL aggregates a bag of instance features along the merge tree of single-linkage clustering on
 Euclidean distances. The paper's Algorithm 1 is a naive loop: while more than one cluster is active,
 scan the active cluster ids in ascending order, ``i`` then ``j > i``, and merge the first pair whose
 single-linkage distance is minimal (strict ``<``, so the lexicographically smallest pair wins ties).
 The merged cluster gets the next id ``n + k``. :func:`merge_order` reproduces that loop exactly,
-ties included, in O(n^2) time and memory; :func:`tree_levels` and :func:`tree_height` give the
-depth structure used to batch the aggregation.
+ties included, in O(n^2 d) time and O(n^2) memory for ``n`` instances of ``d`` dimensions.
+:func:`canonical_children` makes the (asymmetric) unit's input order independent of the instance
+order; :func:`random_merge_order` is RAMIL's pairing order; :func:`tree_levels` and
+:func:`tree_height` give the depth structure used to batch the aggregation. No torch modules here:
+the ``nn.Module`` s that run along these trees are in :mod:`hamil.models.tree_aggregators`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from scipy.spatial.distance import pdist
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["merge_order", "tree_height", "tree_levels"]
+__all__ = ["canonical_children", "merge_order", "random_merge_order", "tree_height", "tree_levels"]
 
 # Bags with at least this many instances and dimensions take the Gram-matrix route (BLAS), others pdist.
 _GRAM_MIN_N = 512
@@ -128,6 +131,39 @@ def tree_height(triplets: np.ndarray, n: int) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # input handling
+
+
+def random_merge_order(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random pairing order on ``n`` leaves, as ``(n - 1, 3)`` triplets like ``merge_order``."""
+    active = list(range(n))
+    rows = np.empty((max(n - 1, 0), 3), dtype=np.int64)
+    for k in range(n - 1):
+        i, j = sorted(rng.choice(len(active), size=2, replace=False))
+        a, b = active[i], active[j]
+        del active[j], active[i]
+        active.append(n + k)
+        rows[k] = (min(a, b), max(a, b), n + k)
+    return rows
+
+
+def canonical_children(triplets: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Order each merge's children independently of the instances' order in the bag.
+
+    Algorithm 1 gives ``a < b`` by cluster id. Ids of merged clusters follow merge height, which does not
+    depend on the instance order, but leaf ids are instance indices. So where both children are leaves,
+    they are ordered by their feature vectors (lexicographically) instead; everything else is kept. With
+    distinct distances the unit (which is not symmetric in its inputs) then sees the same (left, right) for
+    any permutation of the bag: HAMIL is permutation invariant, as the paper states.
+    """
+    n = len(points)
+    out = triplets.copy()
+    both = np.flatnonzero((out[:, 0] < n) & (out[:, 1] < n))
+    if len(both):
+        diff = points[out[both, 0]] - points[out[both, 1]]  # (m, D)
+        first = np.argmax(diff != 0, axis=1)
+        swap = diff[np.arange(len(both)), first] > 0
+        out[both[swap], :2] = out[both[swap], 1::-1]
+    return out
 
 
 def _as_features(features: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -17,23 +17,34 @@ import pandas as pd
 import zarr
 
 from preprocessing.errors import InputError
-from preprocessing.io import read_table, split_labels, write_json, write_tsv
-from preprocessing.store import SPLITS, write_bag_store
-
-PATCH_COLUMNS = ("patch_index", "image_id", "group", "labels", "x0", "y0", "x1", "y1")
+from preprocessing.io import BOX_COLUMNS, PATCH_COLUMNS, read_table, split_labels, write_json, write_tsv
+from preprocessing.store import CODECS, SPLITS, write_bag_store
 
 
 @dataclass(frozen=True)
 class BagParams:
-    """Parameters of the bag stage (the ``bags`` section of the config)."""
+    """Parameters of the bag stage (the ``bags`` section of the config); checked on creation."""
 
     top_k: int = 10
     classes: tuple[str, ...] | None = None  # explicit class list; overrides top_k
-    keep_unlabeled: bool = False  # keep groups without any kept label as negative bags
+    keep_unlabelled: bool = False  # keep groups without any kept label as negative bags
     max_bag_size: int = 32
     split_ratio: tuple[float, float, float] = (4.0, 1.0, 5.0)
     seed: int = 0
     codec: str = "lz4"  # patch compression in the bag store: lz4 (fast reads), zstd (smallest) or none
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise InputError(f"top_k must be >= 1, got {self.top_k}")
+        if self.max_bag_size < 1:
+            raise InputError(f"max_bag_size must be >= 1, got {self.max_bag_size}")
+        ratio = np.asarray(self.split_ratio, dtype=np.float64)
+        if ratio.shape != (3,) or (ratio < 0).any() or ratio.sum() <= 0:
+            raise InputError(f"split ratio must be three non-negative numbers, got {list(self.split_ratio)}")
+        if self.seed < 0:
+            raise InputError(f"seed must be >= 0, got {self.seed}")
+        if self.codec not in CODECS:
+            raise InputError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
 
 
 def select_classes(group_labels: Mapping[str, Sequence[str]], top_k: int) -> list[str]:
@@ -47,12 +58,11 @@ def split_groups(groups: Iterable[str], ratio: Sequence[float], seed: int) -> di
     """Assign each group to a split (0 train, 1 val, 2 test) in proportion to ``ratio``.
 
     Groups are sorted, shuffled with ``seed`` and cut by largest remainders, so the result depends only on
-    the set of groups and the seed.
+    the set of groups and the seed. ``ratio`` is three non-negative numbers with a positive sum (as
+    :class:`BagParams` checks).
     """
     names = sorted(set(groups))
     ratio = np.asarray(ratio, dtype=np.float64)
-    if ratio.shape != (3,) or (ratio < 0).any() or ratio.sum() <= 0:
-        raise InputError(f"split ratio must be three non-negative numbers, got {list(ratio)}")
     exact = ratio / ratio.sum() * len(names)
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: len(names) - counts.sum()]:
@@ -96,23 +106,9 @@ def build_bags(
     group_labels = {
         g: split_labels(s) for g, s in patches.groupby("group", sort=True)["labels"].first().items()
     }
-    classes = list(params.classes) if params.classes else select_classes(group_labels, params.top_k)
-    if not classes:
-        raise InputError(f"{shard_tables[0]}: no labels found, cannot choose classes")
-    kept = {g for g, labels in group_labels.items() if params.keep_unlabeled or set(labels) & set(classes)}
-    dropped = sorted(set(group_labels) - kept)
-    split_of = split_groups(kept, params.split_ratio, params.seed)
-
-    rows, picks = [], []
-    for group, table in patches[patches["group"].isin(kept)].groupby("group", sort=True):
-        for k, idx in enumerate(cut_group(len(table), params.max_bag_size, group, params.seed)):
-            part = table.iloc[idx]
-            rows.append((f"{group}#{k}", group, split_of[group], len(part), group_labels[group]))
-            picks.append(part)
-    bags = pd.DataFrame(rows, columns=["bag_id", "group", "split", "n_patches", "all_labels"])
-    picked = pd.concat(picks, ignore_index=True)
+    classes, kept = _choose_classes(group_labels, params, str(shard_tables[0]))
+    bags, picked = _cut_bags(patches, kept, group_labels, params)
     labels = np.array([[c in set(ls) for c in classes] for ls in bags["all_labels"]], dtype=np.uint8)
-
     sources = [zarr.open_array(Path(s) / "patches", mode="r") for s in shard_stores]
     attrs = {
         "class_names": classes,
@@ -130,12 +126,63 @@ def build_bags(
         group=bags["group"].tolist(),
         bag_id=bags["bag_id"].tolist(),
         source_image=picked["image_id"].tolist(),
-        box=picked[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.int64),
+        box=picked[list(BOX_COLUMNS)].to_numpy(dtype=np.int64),
         attrs=attrs,
         codec=params.codec,
         workers=workers,
     )
-    table = pd.DataFrame(
+    write_tsv(_bags_table(bags, labels, classes), dest_table)
+    stats = {
+        "classes": classes,
+        "bags": len(bags),
+        "patches": len(picked),
+        "groups": len(kept),
+        "groups_dropped_without_label": len(group_labels) - len(kept),
+        "bags_per_split": {s: int((bags["split"] == i).sum()) for i, s in enumerate(SPLITS)},
+    }
+    write_json(stats, Path(dest_table).with_name("bags.json"))
+    return stats
+
+
+def _choose_classes(
+    group_labels: Mapping[str, Sequence[str]], params: BagParams, origin: str
+) -> tuple[list[str], set[str]]:
+    """The classes (explicit, else the ``top_k``) and the groups kept (those carrying one, or all with
+    ``keep_unlabelled``). :class:`InputError` naming ``origin`` when no class or no group is left."""
+    classes = list(params.classes) if params.classes else select_classes(group_labels, params.top_k)
+    if not classes:
+        raise InputError(f"{origin}: no labels found, cannot choose classes")
+    wanted = set(classes)
+    kept = {g for g, labels in group_labels.items() if params.keep_unlabelled or set(labels) & wanted}
+    if not kept:
+        seen = sorted({label for labels in group_labels.values() for label in labels})
+        shown = ", ".join(seen[:10]) + (f", ... ({len(seen)} in all)" if len(seen) > 10 else "")
+        raise InputError(
+            f"{origin}: no group carries any of the classes {', '.join(classes)} "
+            f"(labels seen: {shown or 'none'})"
+        )
+    return classes, kept
+
+
+def _cut_bags(
+    patches: pd.DataFrame, kept: set[str], group_labels: Mapping[str, Sequence[str]], params: BagParams
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the kept groups and cut each into bags: (one row per bag: ``bag_id, group, split, n_patches,
+    all_labels``; the patch rows in bag order)."""
+    split_of = split_groups(kept, params.split_ratio, params.seed)
+    rows, picks = [], []
+    for group, table in patches[patches["group"].isin(kept)].groupby("group", sort=True):
+        for k, idx in enumerate(cut_group(len(table), params.max_bag_size, group, params.seed)):
+            part = table.iloc[idx]
+            rows.append((f"{group}#{k}", group, split_of[group], len(part), group_labels[group]))
+            picks.append(part)
+    bags = pd.DataFrame(rows, columns=["bag_id", "group", "split", "n_patches", "all_labels"])
+    return bags, pd.concat(picks, ignore_index=True)
+
+
+def _bags_table(bags: pd.DataFrame, labels: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """The readable ``bags.tsv``: one row per bag of the store, in store order."""
+    return pd.DataFrame(
         {
             "bag_index": np.arange(len(bags)),
             "bag_id": bags["bag_id"],
@@ -146,17 +193,6 @@ def build_bags(
             "all_labels": [";".join(ls) for ls in bags["all_labels"]],
         }
     )
-    write_tsv(table, dest_table)
-    stats = {
-        "classes": classes,
-        "bags": len(bags),
-        "patches": len(picked),
-        "groups": len(kept),
-        "groups_dropped_without_label": len(dropped),
-        "bags_per_split": {s: int((bags["split"] == i).sum()) for i, s in enumerate(SPLITS)},
-    }
-    write_json(stats, Path(dest_table).with_name("bags.json"))
-    return stats
 
 
 def shard_crop_params(shard_stores: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | None:
@@ -184,7 +220,7 @@ def _read_patch_tables(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         table["shard"] = shard
         tables.append(table)
     out = pd.concat(tables, ignore_index=True)
-    for col in ("patch_index", "x0", "y0", "x1", "y1"):
+    for col in ("patch_index", *BOX_COLUMNS):
         out[col] = pd.to_numeric(out[col], errors="raise").astype(np.int64)
     return out
 

@@ -1,7 +1,7 @@
 """The crop stage: cell patches cut from the fields of one shard of ``images.tsv``, one Zarr store per shard.
 
-Proposals come from :mod:`preprocessing.proposals`; kept boxes are optionally squared, cut from the
-full-resolution field and resized to the patch size.
+:class:`CropParams` (the stage's parameters) lives here. Proposals come from :mod:`preprocessing.proposals`;
+kept boxes are optionally squared, cut from the full-resolution field and resized to the patch size.
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ import zarr
 from preprocessing import boxes as bx
 from preprocessing.errors import InputError
 from preprocessing.io import (
+    BOX_COLUMNS,
     IMAGES_COLUMNS,
+    PATCH_COLUMNS,
     atomic_path,
+    check_fraction,
+    check_rejected,
     read_image,
     read_images_table,
     read_table,
     write_json,
     write_tsv,
 )
-from preprocessing.proposals import BACKENDS, CropParams, propose_boxes
+from preprocessing.proposals import BACKENDS, OPENCV_MODES, propose_boxes
 from preprocessing.store import create_patch_array
 
 __all__ = [
@@ -46,7 +50,64 @@ __all__ = [
     "propose_boxes",
 ]
 
-PATCH_COLUMNS = ("patch_index", "image_id", "group", "labels", "x0", "y0", "x1", "y1")
+INSTANCE_MODES = ("cells", "whole")
+REJECTED_COLUMNS = ("image_id", "path", "reason")
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Parameters of proposal, filtering and cropping (stored in the Zarr attributes); checked on creation."""
+
+    backend: str = "opencv"  # "opencv" or "selectivesearch"
+    downscale: int = 512  # longest side of the field on which proposals are computed
+    patch_size: int = 512  # output patch side
+    min_size: float = 0.08  # box side bounds, fractions of the field's shorter side
+    max_size: float = 0.45
+    max_aspect: float = 2.0
+    nms_iou: float = 0.3
+    min_nucleus_fraction: float = 0.05  # fraction of box pixels whose blue channel is above Otsu
+    max_patches_per_field: int = 50
+    square: bool = True  # expand kept boxes to squares around their centre before resizing
+    min_score: float = 0.3  # candidates scoring below are dropped (in [0, 1], see preprocessing.proposals)
+    ring: float = 0.01  # width of the background ring outside a box, fraction of the shorter side (>= 2 px)
+    gamma: float = 1.0  # proposal image: intensities (normalised to the 99.5th percentile) ** gamma
+    smooth: float = 0.0  # proposal image: Gaussian sigma, fraction of the shorter side (0: none)
+    mask_background: bool = True  # proposal image: background pixels (see foreground mask) set to 0
+    refine: float = 0.15  # also score proposals snapped to the foreground within this margin (0: off)
+    # opencv backend
+    opencv_mode: str = "single"  # "fast" (switchToSelectiveSearchFast), "single" or "quality"
+    opencv_k: int = 300  # graph-segmentation k (base_k for fast/quality; inc_k = k)
+    opencv_sigma: float = 0.8
+    # selectivesearch backend (felzenszwalb parameters at the downscaled resolution)
+    ss_scale: float = 100.0
+    ss_sigma: float = 0.9
+    ss_min_size: int = 50
+    # whole images as instances (BDGP embryos, already cropped patches): no proposals, just a resize
+    instances: str = "cells"  # "cells" (selective-search crops) or "whole" (each image is one instance)
+    whole_size: tuple[int, int] | None = None  # (height, width) of whole-image instances; None: patch_size
+
+    @property
+    def instance_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the instances this stage writes."""
+        if self.instances == "whole" and self.whole_size is not None:
+            return int(self.whole_size[0]), int(self.whole_size[1])
+        return self.patch_size, self.patch_size
+
+    def __post_init__(self) -> None:
+        if self.instances not in INSTANCE_MODES:
+            raise InputError(f"instances must be one of {', '.join(INSTANCE_MODES)}; got {self.instances!r}")
+        if self.whole_size is not None and (len(self.whole_size) != 2 or min(self.whole_size) < 1):
+            raise InputError(f"whole_size must be (height, width) >= 1; got {self.whole_size!r}")
+        if self.backend not in BACKENDS:
+            raise InputError(f"crop backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.opencv_mode not in OPENCV_MODES:
+            raise InputError(
+                f"opencv_mode must be one of {', '.join(OPENCV_MODES)}; got {self.opencv_mode!r}"
+            )
+        if self.downscale < 16 or self.patch_size < 1 or self.max_patches_per_field < 0:
+            raise InputError("crop parameters: downscale >= 16, patch_size >= 1, max_patches_per_field >= 0")
+        if not 0 < self.min_size <= self.max_size or self.max_aspect < 1:
+            raise InputError("crop parameters: need 0 < min_size <= max_size and max_aspect >= 1")
 
 
 def patch_windows(boxes: np.ndarray, shape: tuple[int, int], square: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +164,7 @@ class _FieldResult:
     image_id: str
     boxes: np.ndarray  # (n, 4) kept boxes, before square expansion
     windows: np.ndarray  # (n, 4) patch windows clipped to the field
-    patches: np.ndarray  # (n, 3, P, P) uint8
+    patches: np.ndarray  # (n, 3, H, W) uint8 (H = W = P for cells)
     error: str | None = None  # InputError message when the image was unreadable
 
 
@@ -171,7 +232,7 @@ def crop_shard(
 
     Writes (each atomically):
 
-    * ``out_zarr``: Zarr v3 group, array ``patches`` uint8 ``(N, 3, P, P)`` chunked per patch (zstd),
+    * ``out_zarr``: Zarr v3 group, array ``patches`` uint8 ``(N, 3, H, W)`` chunked per patch (zstd),
       attributes ``patch_shape`` and ``params``; with ``params.instances == "whole"`` every image is one
       instance resized to ``params.instance_shape`` (no proposals);
     * ``out_tsv``: one row per patch, in ``patches`` order: ``patch_index, image_id, group, labels, x0, y0,
@@ -181,8 +242,8 @@ def crop_shard(
       backend, seconds`` and more). ``recall`` (IoU >= 0.5, boxes before square expansion) needs
       ``boxes_tsv`` (true boxes: ``image_id, x0, y0, x1, y1``), else it is null.
 
-    Raises :class:`InputError` when more than ``max_bad_fraction`` of the shard's images are unreadable (the
-    rejected list is written, the patch outputs are not).
+    Raises :class:`InputError` when more than ``max_bad_fraction`` of the shard's images (or all of them) are
+    unreadable (the rejected list is written, the patch outputs are not).
     """
     start = time.perf_counter()
     images_tsv, out_zarr, out_tsv = Path(images_tsv), Path(out_zarr), Path(out_tsv)
@@ -190,40 +251,61 @@ def crop_shard(
         raise InputError(f"shard must be in [0, {num_shards}); got {shard}")
     if workers < 1:
         raise InputError(f"workers must be >= 1; got {workers}")
+    check_fraction(max_bad_fraction)
     table = read_images_table(images_tsv)
     rows = table.iloc[shard::num_shards].reset_index(drop=True)
     truth = _read_true_boxes(Path(boxes_tsv)) if boxes_tsv is not None else None
-    rejected_path = out_tsv.with_name(f"{out_tsv.stem}.rejected.tsv")
 
-    records: list[dict[str, Any]] = []
-    rejected: list[dict[str, str]] = []
-    hits: dict[str, tuple[int, int]] = {}  # image_id -> (matched, true)
     with atomic_path(out_zarr) as tmp:
-        patches = _create_store(tmp, params)
-        by_id = {r["image_id"]: r for r in rows.to_dict("records")}
-        for result in _run_fields(list(by_id.values()), params, workers):
-            row = by_id[result.image_id]
-            if result.error is not None:
-                rejected.append({"image_id": result.image_id, "path": row["path"], "reason": result.error})
-                continue
-            if len(result.patches):
-                patches.append(result.patches, axis=0)
-            records.extend(_patch_records(row, result.windows, first=len(records)))
-            if truth is not None:
-                true = truth.get(result.image_id, np.zeros((0, 4), np.int64))
-                hits[result.image_id] = (int(bx.matched(result.boxes, true).sum()), len(true))
-        write_tsv(pd.DataFrame(rejected, columns=["image_id", "path", "reason"]), rejected_path)
-        if rows.shape[0] and len(rejected) / rows.shape[0] > max_bad_fraction:
-            raise InputError(
-                f"{images_tsv}: {len(rejected)} of {rows.shape[0]} images unreadable "
-                f"(> {max_bad_fraction:.0%}); see {rejected_path}"
-            )
+        run = _crop_rows(rows, tmp, params, workers, truth)
+        check_rejected(
+            pd.DataFrame(run.rejected, columns=list(REJECTED_COLUMNS)),
+            len(rows),
+            out_tsv.with_name(f"{out_tsv.stem}.rejected.tsv"),
+            max_bad_fraction,
+            str(images_tsv),
+            problem="unreadable",
+        )
     extra = [c for c in table.columns if c not in IMAGES_COLUMNS]
-    write_tsv(pd.DataFrame(records, columns=[*PATCH_COLUMNS, *extra]), out_tsv)
-    stats = _stats(shard, num_shards, rows.shape[0], rejected, len(records), hits, truth is not None, params)
+    write_tsv(pd.DataFrame(run.records, columns=[*PATCH_COLUMNS, *extra]), out_tsv)
+    stats = _stats(shard, num_shards, len(rows), run, truth is not None, params)
     stats["seconds"] = round(time.perf_counter() - start, 3)
     write_json(stats, out_tsv.with_name(f"{out_tsv.stem}.json"))
     return stats
+
+
+@dataclass
+class _ShardRun:
+    """What cropping one shard produced, in ``patches`` order."""
+
+    records: list[dict[str, Any]]  # one row of the patch table per patch
+    rejected: list[dict[str, str]]  # one row per unreadable image (REJECTED_COLUMNS)
+    hits: dict[str, tuple[int, int]]  # image_id -> (true boxes matched, true boxes)
+
+
+def _crop_rows(
+    rows: pd.DataFrame,
+    store: Path,
+    params: CropParams,
+    workers: int,
+    truth: dict[str, np.ndarray] | None,
+) -> _ShardRun:
+    """Crop every row's field, appending its patches to a new Zarr store at ``store``."""
+    run = _ShardRun([], [], {})
+    patches = _create_store(store, params)
+    by_id = {r["image_id"]: r for r in rows.to_dict("records")}
+    for result in _run_fields(list(by_id.values()), params, workers):
+        row = by_id[result.image_id]
+        if result.error is not None:
+            run.rejected.append({"image_id": result.image_id, "path": row["path"], "reason": result.error})
+            continue
+        if len(result.patches):
+            patches.append(result.patches, axis=0)
+        run.records.extend(_patch_records(row, result.windows, first=len(run.records)))
+        if truth is not None:
+            true = truth.get(result.image_id, np.zeros((0, 4), np.int64))
+            run.hits[result.image_id] = (int(bx.matched(result.boxes, true).sum()), len(true))
+    return run
 
 
 def params_from_attrs(values: Mapping[str, Any], origin: str = "crop parameters") -> CropParams:
@@ -253,21 +335,18 @@ def _patch_records(row: dict[str, str], windows: np.ndarray, first: int) -> list
             "image_id": row["image_id"],
             "group": row["group"],
             "labels": row["labels"],
-            "x0": int(x0),
-            "y0": int(y0),
-            "x1": int(x1),
-            "y1": int(y1),
+            **{name: int(v) for name, v in zip(BOX_COLUMNS, window, strict=True)},
             **extra,
         }
-        for i, (x0, y0, x1, y1) in enumerate(windows)
+        for i, window in enumerate(windows)
     ]
 
 
 def _read_true_boxes(path: Path) -> dict[str, np.ndarray]:
     """``boxes.tsv`` -> {image_id: (m, 4) int64}."""
-    table = read_table(path, ["image_id", "x0", "y0", "x1", "y1"])
+    table = read_table(path, ["image_id", *BOX_COLUMNS])
     try:
-        coords = table[["x0", "y0", "x1", "y1"]].astype(np.int64).to_numpy()  # (rows, 4)
+        coords = table[list(BOX_COLUMNS)].astype(np.int64).to_numpy()  # (rows, 4)
     except ValueError:
         raise InputError(f"{path}: box coordinates must be integers") from None
     groups = pd.Series(np.arange(len(table))).groupby(table["image_id"].to_numpy(), sort=False)
@@ -275,23 +354,17 @@ def _read_true_boxes(path: Path) -> dict[str, np.ndarray]:
 
 
 def _stats(
-    shard: int,
-    num_shards: int,
-    fields: int,
-    rejected: list[dict[str, str]],
-    patches: int,
-    hits: dict[str, tuple[int, int]],
-    with_truth: bool,
-    params: CropParams,
+    shard: int, num_shards: int, fields: int, run: _ShardRun, with_truth: bool, params: CropParams
 ) -> dict[str, Any]:
+    hits = run.hits
     matched = sum(m for m, _ in hits.values())
     true = sum(t for _, t in hits.values())
     return {
         "shard": shard,
         "num_shards": num_shards,
         "fields": fields,
-        "fields_rejected": len(rejected),
-        "patches": patches,
+        "fields_rejected": len(run.rejected),
+        "patches": len(run.records),
         "recall": (matched / true if true else None) if with_truth else None,
         "recall_per_field": {k: (m / t if t else None) for k, (m, t) in hits.items()} if with_truth else None,
         "true_boxes": true if with_truth else None,

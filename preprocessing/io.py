@@ -1,9 +1,11 @@
-"""Atomic writes, table reading with column checks, and image reading that fails with one clear line."""
+"""Atomic writes, table reading with column checks, path cells, the rejected-items check, and image reading
+that fails with one clear line."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,7 +19,12 @@ from PIL import Image, UnidentifiedImageError
 
 from preprocessing.errors import InputError
 
+log = logging.getLogger(__name__)
+
 IMAGES_COLUMNS = ("image_id", "group", "path", "labels")
+# one row per instance written by the crop stage and read by the bag stage (then the extra image columns)
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+PATCH_COLUMNS = ("patch_index", "image_id", "group", "labels", *BOX_COLUMNS)
 
 
 @contextlib.contextmanager
@@ -87,8 +94,52 @@ def read_images_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     if len(dup):
         raise InputError(f"{path}: duplicate image_id {dup.iloc[0]!r}")
     base = Path(path).resolve().parent
-    table["path"] = [str(p if Path(p).is_absolute() else base / p) for p in table["path"]]
+    table["path"] = [str(resolve_path(p, base)) for p in table["path"]]
     return table
+
+
+def resolve_path(cell: str, base: Path) -> Path:
+    """The path in a table cell: ``~`` expanded, then taken as is when absolute, else relative to ``base``."""
+    path = Path(cell).expanduser()
+    return path if path.is_absolute() else Path(base) / path
+
+
+def check_fraction(value: float, name: str = "max_bad_fraction") -> float:
+    """``value`` if it lies in [0, 1], else :class:`InputError` naming ``name`` and the value."""
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def check_rejected(
+    rejected: pd.DataFrame,
+    total: int,
+    path: str | os.PathLike[str],
+    max_bad_fraction: float,
+    what: str,
+    error: type[InputError] = InputError,
+    *,
+    items: str = "images",
+    problem: str = "failed",
+    first_key: str | None = None,
+) -> None:
+    """Write the failures of a stage to ``path`` and stop when there are too many of them.
+
+    ``rejected`` has one row per failed item out of ``total`` and a ``reason`` column; it is written as a
+    TSV atomically, header only when nothing failed. When more than ``max_bad_fraction`` of the items (or
+    all of them) failed, ``error`` is raised with one line: ``"<what>: <k> of <total> <items> <problem>,
+    first: [<first_key value>: ]<reason>; full list in <path>"``. Otherwise a warning is logged for any
+    skipped item.
+    """
+    write_tsv(rejected, path)
+    k = len(rejected)
+    if not k:
+        return
+    if k >= total or k / total > max_bad_fraction:
+        row = rejected.iloc[0]
+        first = f"{row[first_key]}: {row['reason']}" if first_key else str(row["reason"])
+        raise error(f"{what}: {k} of {total} {items} {problem}, first: {first}; full list in {path}")
+    log.warning("%s: skipped %d of %d %s (%s), listed in %s", what, k, total, items, problem, path)
 
 
 def split_labels(cell: str) -> list[str]:

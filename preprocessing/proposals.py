@@ -1,9 +1,9 @@
 """Cell proposals on a field of view: selective search, box scoring, filtering and NMS.
 
-Proposals are computed on a downscaled copy of the field (longest side ``CropParams.downscale``) with one of
-two backends: OpenCV's ``cv2.ximgproc.segmentation`` selective search or the ``selectivesearch`` PyPI package
-(the one the HAMIL paper used). Candidates are filtered by size, aspect and nucleus signal and scored by how
-well they frame one whole, isolated cell:
+Proposals are computed on a downscaled copy of the field (longest side ``downscale`` of
+:class:`preprocessing.crop.CropParams`) with one of two backends: OpenCV's ``cv2.ximgproc.segmentation``
+selective search or the ``selectivesearch`` PyPI package (the one the HAMIL paper used). Candidates are
+filtered by size, aspect and nucleus signal and scored by how well they frame one whole, isolated cell:
 
 * ``fill``: fraction of the box covered by foreground (cells: triangle threshold on the brightest channel);
 * ``clear``: fraction of a thin ring just outside the box that is background -- low for fragments that cut
@@ -27,72 +27,18 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from preprocessing import boxes as bx
-from preprocessing.errors import InputError
+
+if TYPE_CHECKING:
+    from preprocessing.crop import CropParams  # the crop stage owns its parameters; only read here
 
 BACKENDS = ("opencv", "selectivesearch")
 OPENCV_MODES = ("fast", "single", "quality")
-INSTANCE_MODES = ("cells", "whole")
-
-
-@dataclass(frozen=True)
-class CropParams:
-    """Parameters of proposal, filtering and cropping (stored in the Zarr attributes)."""
-
-    backend: str = "opencv"  # "opencv" or "selectivesearch"
-    downscale: int = 512  # longest side of the field on which proposals are computed
-    patch_size: int = 512  # output patch side
-    min_size: float = 0.08  # box side bounds, fractions of the field's shorter side
-    max_size: float = 0.45
-    max_aspect: float = 2.0
-    nms_iou: float = 0.3
-    min_nucleus_fraction: float = 0.05  # fraction of box pixels whose blue channel is above Otsu
-    max_patches_per_field: int = 50
-    square: bool = True  # expand kept boxes to squares around their centre before resizing
-    min_score: float = 0.3  # candidates scoring below are dropped (score in [0, 1], see module docstring)
-    ring: float = 0.01  # width of the background ring outside a box, fraction of the shorter side (>= 2 px)
-    gamma: float = 1.0  # proposal image: intensities (normalised to the 99.5th percentile) ** gamma
-    smooth: float = 0.0  # proposal image: Gaussian sigma, fraction of the shorter side (0: none)
-    mask_background: bool = True  # proposal image: background pixels (see foreground mask) set to 0
-    refine: float = 0.15  # also score proposals snapped to the foreground within this margin (0: off)
-    # opencv backend
-    opencv_mode: str = "single"  # "fast" (switchToSelectiveSearchFast), "single" or "quality"
-    opencv_k: int = 300  # graph-segmentation k (base_k for fast/quality; inc_k = k)
-    opencv_sigma: float = 0.8
-    # selectivesearch backend (felzenszwalb parameters at the downscaled resolution)
-    ss_scale: float = 100.0
-    ss_sigma: float = 0.9
-    ss_min_size: int = 50
-    # whole images as instances (BDGP embryos, already cropped patches): no proposals, just a resize
-    instances: str = "cells"  # "cells" (selective-search crops) or "whole" (each image is one instance)
-    whole_size: tuple[int, int] | None = None  # (height, width) of whole-image instances; None: patch_size
-
-    @property
-    def instance_shape(self) -> tuple[int, int]:
-        """``(H, W)`` of the instances this stage writes."""
-        if self.instances == "whole" and self.whole_size is not None:
-            return int(self.whole_size[0]), int(self.whole_size[1])
-        return self.patch_size, self.patch_size
-
-    def __post_init__(self) -> None:
-        if self.instances not in INSTANCE_MODES:
-            raise InputError(f"instances must be one of {', '.join(INSTANCE_MODES)}; got {self.instances!r}")
-        if self.whole_size is not None and (len(self.whole_size) != 2 or min(self.whole_size) < 1):
-            raise InputError(f"whole_size must be (height, width) >= 1; got {self.whole_size!r}")
-        if self.backend not in BACKENDS:
-            raise InputError(f"crop backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        if self.opencv_mode not in OPENCV_MODES:
-            raise InputError(
-                f"opencv_mode must be one of {', '.join(OPENCV_MODES)}; got {self.opencv_mode!r}"
-            )
-        if self.downscale < 16 or self.patch_size < 1 or self.max_patches_per_field < 0:
-            raise InputError("crop parameters: downscale >= 16, patch_size >= 1, max_patches_per_field >= 0")
-        if not 0 < self.min_size <= self.max_size or self.max_aspect < 1:
-            raise InputError("crop parameters: need 0 < min_size <= max_size and max_aspect >= 1")
 
 
 # --------------------------------------------------------------------------------------------- proposals
@@ -301,6 +247,3 @@ def _to_full(b: np.ndarray, factor: float, shape: tuple[int, int]) -> np.ndarray
     out[:, :2] = np.floor(b[:, :2] * factor + 1e-9).astype(np.int64)
     out[:, 2:] = np.ceil(b[:, 2:] * factor - 1e-9).astype(np.int64)
     return bx.clip(out, w, h)
-
-
-# --------------------------------------------------------------------------------------------- patches

@@ -1,6 +1,6 @@
 """The bag store: one Zarr v3 group per dataset holding every patch, ordered by bag.
 
-Layout (format version 1)::
+Layout (format version 2, ``FORMAT_VERSION``)::
 
     patches       uint8  (N, C, H, W)  one chunk per patch, lz4 by default (H = W = P for cell patches)
     bag_offsets   int64  (B + 1,)      bag b is patches[bag_offsets[b]:bag_offsets[b + 1]]
@@ -123,7 +123,7 @@ def _patch_geometry(sources: Sequence[zarr.Array]) -> tuple[int, tuple[int, int]
 
 
 def _copy_block(sources: Sequence[zarr.Array], picks: np.ndarray, out: zarr.Array, start: int) -> None:
-    block = np.empty((len(picks), *out.shape[1:]), dtype=np.uint8)  # (b, C, P, P)
+    block = np.empty((len(picks), *out.shape[1:]), dtype=np.uint8)  # (b, C, H, W)
     for src in np.unique(picks[:, 0]):
         rows = np.flatnonzero(picks[:, 0] == src)
         block[rows] = sources[src].oindex[picks[rows, 1]]
@@ -189,7 +189,7 @@ class BagStore:
         return np.flatnonzero(self.split == SPLITS.index(split))
 
     def patches(self, bag: int, subset: np.ndarray | None = None) -> np.ndarray:
-        """The patches of one bag, ``(n, C, P, P)`` uint8; ``subset`` selects instances within the bag.
+        """The patches of one bag, ``(n, C, H, W)`` uint8; ``subset`` selects instances within the bag.
 
         Patch arrays in the layout this module writes are read chunk file by chunk file (about 9x faster
         than Zarr's general read path for one-patch chunks); any other layout goes through Zarr.

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny patch shards written exactly as the crop stage writes them."""
+"""Shared fixtures: tiny patch shards written exactly as the crop stage writes them, and bag stores built
+from them by the bag stage (one session-wide store for the training tests)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 import zarr
 
+from preprocessing.bags import BagParams, build_bags
 from preprocessing.store import create_patch_array
 
 
@@ -47,3 +49,31 @@ def two_shards(tmp_path: Path):
     s0 = write_shard(tmp_path, "0", {g: groups[g] for g in names[::2]}, seed=0)
     s1 = write_shard(tmp_path, "1", {g: groups[g] for g in names[1::2]}, seed=1)
     return [s0[0], s1[0]], [s0[1], s1[1]], groups
+
+
+def make_store(folder: Path, patch: int, groups: int = 24, seed: int = 0) -> Path:
+    """A bag store of ``groups`` groups (2-8 textured patches each, 1-2 labels of A, B, C), split 4:1:1."""
+    rng = np.random.default_rng(seed)
+    vocab = ["A", "B", "C"]
+    spec = {
+        f"G{g:02d}": (int(rng.integers(2, 9)), ";".join(sorted(rng.choice(vocab, rng.integers(1, 3), False))))
+        for g in range(groups)
+    }
+    names = sorted(spec)
+    tables, stores = zip(
+        *(write_shard(folder, str(k), {g: spec[g] for g in names[k::2]}, patch, seed=k) for k in (0, 1)),
+        strict=True,
+    )
+    for store in stores:  # give the patches texture so the network has something to fit
+        arr = zarr.open_group(store, mode="r+")["patches"]
+        arr[:] = np.random.default_rng(seed).integers(0, 256, arr.shape, dtype=np.uint8)
+    out = folder / "ds.zarr"
+    params = BagParams(top_k=3, split_ratio=(4, 1, 1))
+    build_bags(list(tables), list(stores), out, folder / "bags.tsv", params, "t")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory) -> Path:
+    """One store of 24 groups of 16x16 patches for every training test of the session (read-only)."""
+    return make_store(tmp_path_factory.mktemp("small"), patch=16)

@@ -104,7 +104,7 @@ def test_groups_without_kept_labels_are_dropped_or_kept_as_negatives(tmp_path, t
         stores,
         tmp_path / "k.zarr",
         tmp_path / "k" / "bags.tsv",
-        BagParams(classes=("A",), keep_unlabeled=True),
+        BagParams(classes=("A",), keep_unlabelled=True),
         "t",
     )
     without_a = sum("A" not in labels.split(";") for _, labels in groups.values())
@@ -112,6 +112,25 @@ def test_groups_without_kept_labels_are_dropped_or_kept_as_negatives(tmp_path, t
     assert kept["groups"] == len(groups)
     neg = BagStore(tmp_path / "k.zarr").labels.sum(axis=1) == 0
     assert neg.any()
+
+
+def test_classes_no_group_carries_fail_with_one_line(tmp_path, two_shards):
+    tables, stores, _ = two_shards
+    with pytest.raises(InputError) as info:
+        build_bags(
+            tables, stores, tmp_path / "z.zarr", tmp_path / "z" / "bags.tsv", BagParams(classes=("Z",)), "t"
+        )
+    message = str(info.value)
+    assert message.startswith(f"{tables[0]}: no group carries any of the classes Z (labels seen: A, B")
+    assert "\n" not in message
+    assert not (tmp_path / "z.zarr").exists()
+
+
+def test_bag_params_checked_on_creation():
+    with pytest.raises(InputError, match="split ratio must be three non-negative numbers"):
+        BagParams(split_ratio=(1.0, -1.0, 1.0))
+    with pytest.raises(InputError, match="codec must be one of"):
+        BagParams(codec="gzip")
 
 
 def test_missing_columns_are_named(tmp_path, two_shards):

@@ -1,14 +1,18 @@
-"""DDP safety: a rank whose bags all have one instance must not leave the unit without gradients.
+"""Multi-process training with two CPU processes (gloo), all cases in one spawn of two ranks.
 
-Two CPU processes with the gloo backend and ``find_unused_parameters=False``: rank 0 gets only singleton
-bags (no merges, so the unit is unused but for HAMIL's zero-weighted touch), rank 1 gets real bags. Both
-must finish their steps (no hang) and end with identical parameters.
+1. DDP safety: a rank whose bags all have one instance must not leave the unit without gradients.
+   ``find_unused_parameters=False``: rank 0 gets only singleton bags (no merges, so the unit is unused but
+   for HAMIL's zero-weighted touch), rank 1 gets real bags. Both must finish their steps (no hang) and end
+   with identical parameters.
+2. ``torchrun``-style training (the instance-balanced sampler) follows the one-process loss curve, for
+   three configurations.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,12 +20,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_store  # tests/ is on sys.path
 from torch.nn.parallel import DistributedDataParallel
 
 from hamil.checkpoint import load_checkpoint
 from hamil.config import TrainConfig
 from hamil.models import build_model
 from hamil.train import train
+
+#: (model, freeze_batch_norm, rtol): exact (up to summation order) when batch norm uses its running
+#: statistics; with batch statistics each rank normalises its own share, hence the tolerance.
+CONFIGS = [("hamil", True, 1e-4), ("si", True, 1e-4), ("hamil", False, 0.25)]
 
 
 def _free_port() -> int:
@@ -30,12 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=60)
-    )
+def _singleton_steps(rank: int, out: str) -> None:
     torch.manual_seed(0)
     model = DistributedDataParallel(build_model("hamil", 3), find_unused_parameters=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -45,7 +49,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         images = torch.randint(0, 256, (sum(sizes), 3, 48, 48), dtype=torch.uint8, generator=gen)
         labels = (torch.rand(len(sizes), 3, generator=gen) < 0.5).float()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(images, torch.tensor(sizes)), labels
+            model(images, torch.tensor(sizes))[0], labels
         )
         opt.zero_grad()
         loss.backward()
@@ -55,48 +59,28 @@ def _worker(rank: int, port: int, out: str) -> None:
         {k: v for k, v in model.module.state_dict().items() if v.is_floating_point()}, f"{out}/rank{rank}.pt"
     )
     assert all(p.grad is not None for p in unit.parameters())
-    dist.destroy_process_group()
 
 
-def test_singleton_bags_do_not_break_ddp(tmp_path):
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    for proc in ctx.processes:
-        proc.join(timeout=240)
-    alive = [p for p in ctx.processes if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "DDP hung"
-    assert all(p.exitcode == 0 for p in ctx.processes)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for key in a:
-        if "running" not in key:  # batch-norm running statistics are per rank by design
-            torch.testing.assert_close(a[key], b[key], msg=key)
-
-
-def _train_rank(rank: int, port: int, cfg: dict) -> None:
+def _rank(rank: int, port: int, out: str, configs: list[dict]) -> None:
+    """One rank: the singleton-bag steps, then every training configuration, in one process group."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     os.environ["LOCAL_RANK"] = str(rank)
-    from hamil.config import TrainConfig
-    from hamil.train import train
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=60)
+    )
+    try:
+        _singleton_steps(rank, out)
+        for cfg in configs:
+            train(TrainConfig(**cfg))  # joins the existing group, leaves it to us
+    finally:
+        dist.destroy_process_group()
 
-    train(TrainConfig(**cfg))
 
-
-@pytest.mark.parametrize(
-    ("model", "freeze_batch_norm", "rtol"),
-    [("hamil", True, 1e-4), ("si", True, 1e-4), ("hamil", False, 0.25)],
-)
-def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, model, freeze_batch_norm, rtol):
-    """``torchrun``-style DDP (2 CPU processes, gloo) on the instance-balanced sampler gives the loss curve
-    of one process on the same global batches. Exactly (up to summation order) when batch norm uses its
-    running statistics; with batch statistics each rank normalises its own share, hence the tolerance."""
-    from test_training_loop import _store  # tests/ is on sys.path
-
-    store = _store(tmp_path / "data", patch=32, groups=30)
-    cfg = dict(
+def _config(store: Path, model: str, freeze_batch_norm: bool, out_dir: Path) -> dict:
+    return dict(
         store=str(store),
+        out_dir=str(out_dir),
         model=model,
         epochs=3,
         batch_bags=6,
@@ -107,24 +91,50 @@ def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, model, freez
         freeze_batch_norm=freeze_batch_norm,
         device="cpu",  # gloo, whatever the machine has
     )
-    train(TrainConfig(**cfg, out_dir=str(tmp_path / "one")))
+
+
+@pytest.fixture(scope="module")
+def ddp_store(tmp_path_factory) -> Path:
+    """32x32 patches (2x2 feature maps): per-rank batch statistics stay close to the global ones."""
+    return make_store(tmp_path_factory.mktemp("ddp_data"), patch=32, groups=30)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, ddp_store) -> Path:
+    """Spawn the two ranks once for every case of this module; returns their output folder."""
+    out = tmp_path_factory.mktemp("ddp")
+    configs = [_config(ddp_store, m, f, out / f"two-{i}") for i, (m, f, _) in enumerate(CONFIGS)]
     ctx = mp.start_processes(
-        _train_rank,
-        args=(_free_port(), {**cfg, "out_dir": str(tmp_path / "two")}),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
+        _rank, args=(_free_port(), str(out), configs), nprocs=2, join=False, start_method="spawn"
     )
     for proc in ctx.processes:
-        proc.join(timeout=300)
-    for proc in ctx.processes:
-        if proc.is_alive():
-            proc.kill()
+        proc.join(timeout=400)
+    alive = [p for p in ctx.processes if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "DDP hung"
     assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
-    one, two = (pd.read_csv(tmp_path / d / "history.csv") for d in ("one", "two"))
+    return out
+
+
+def test_singleton_bags_do_not_break_ddp(two_ranks):
+    a, b = (torch.load(two_ranks / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in a:
+        if "running" not in key:  # batch-norm running statistics are per rank by design
+            torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+@pytest.mark.parametrize("case", range(len(CONFIGS)), ids=[f"{m}-{f}-{r}" for m, f, r in CONFIGS])
+def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, ddp_store, two_ranks, case):
+    """``torchrun``-style DDP (2 CPU processes, gloo) on the instance-balanced sampler gives the loss curve
+    of one process on the same global batches."""
+    model, freeze_batch_norm, rtol = CONFIGS[case]
+    train(TrainConfig(**_config(ddp_store, model, freeze_batch_norm, tmp_path / "one")))
+    one_dir, two_dir = tmp_path / "one", two_ranks / f"two-{case}"
+    one, two = (pd.read_csv(d / "history.csv") for d in (one_dir, two_dir))
     assert len(one) == len(two) == 3
     np.testing.assert_allclose(two.train_loss, one.train_loss, rtol=rtol)
-    a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    a, b = load_checkpoint(one_dir / "last.pt"), load_checkpoint(two_dir / "last.pt")
     assert a["global_step"] == b["global_step"]
     assert len(b["rng"]) == 2  # both ranks' generators are saved for an exact resume
     if freeze_batch_norm:  # the weights too, seen through the validation loss (Adam turns float

@@ -11,9 +11,9 @@ import torch
 
 from hamil.cli import main
 from hamil.data import BagDataset, make_loader
-from hamil.figures import embed_2d, first_labels, plot_tsne
-from hamil.predict import explain_batches
-from hamil.run_figures import _explain
+from hamil.figures import _explain
+from hamil.inference import explain_batches
+from hamil.plots import embed_2d, first_labels, plot_tsne
 from preprocessing.bags import BagParams, build_bags
 from preprocessing.store import BagStore
 
@@ -96,8 +96,7 @@ def test_tsne_has_one_point_per_bag_of_the_split(runs, tmp_path):
 
 
 def test_explained_scores_are_cosine_similarities(runs):
-    from hamil.checkpoint import load_checkpoint
-    from hamil.evaluate import model_from_checkpoint
+    from hamil.checkpoint import load_checkpoint, model_from_checkpoint
 
     store_path, run = runs
     store = BagStore(store_path)

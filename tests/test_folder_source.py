@@ -173,7 +173,7 @@ def test_explicit_image_ids_kept_and_duplicates_refused(tmp_path: Path) -> None:
 
 
 def test_empty_labels_survive_to_negative_bags(tmp_path: Path) -> None:
-    """Screening: one class "hit"; wells without a label become negative bags with keep_unlabeled."""
+    """Screening: one class "hit"; wells without a label become negative bags with keep_unlabelled."""
     (tmp_path / "img").mkdir()
     rows = []
     for w in range(6):
@@ -193,7 +193,7 @@ def test_empty_labels_survive_to_negative_bags(tmp_path: Path) -> None:
     root = zarr.open_group(tmp_path / "0.zarr", mode="w", zarr_format=3)
     create_patch_array(root, len(shard), 3, 8)[:] = np.zeros((len(shard), 3, 8, 8), np.uint8)
 
-    params = BagParams(classes=("hit",), keep_unlabeled=True, split_ratio=(1.0, 1.0, 1.0))
+    params = BagParams(classes=("hit",), keep_unlabelled=True, split_ratio=(1.0, 1.0, 1.0))
     stats = build_bags(
         [tmp_path / "0.tsv"],
         [tmp_path / "0.zarr"],
@@ -212,7 +212,7 @@ def test_empty_labels_survive_to_negative_bags(tmp_path: Path) -> None:
         [tmp_path / "0.zarr"],
         tmp_path / "bags2.zarr",
         tmp_path / "bags2.tsv",
-        BagParams(classes=("hit",), keep_unlabeled=False),
+        BagParams(classes=("hit",), keep_unlabelled=False),
         "x",
     )
     assert dropped["groups"] == 2 and dropped["groups_dropped_without_label"] == 4

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from preprocessing.errors import InputError
-from preprocessing.io import atomic_path, read_image, read_images_table, split_labels, to_rgb8
+from preprocessing.io import (
+    atomic_path,
+    check_fraction,
+    check_rejected,
+    read_image,
+    read_images_table,
+    resolve_path,
+    split_labels,
+    to_rgb8,
+)
 
 
 def test_images_table_missing_columns_are_named(tmp_path):
@@ -82,3 +94,26 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         tmp.mkdir()
         (tmp / "new").write_text("x")
     assert sorted(p.name for p in store.iterdir()) == ["new"]
+
+
+def test_check_rejected_writes_warns_and_fails(tmp_path):
+    path = tmp_path / "rejected.tsv"
+    none = pd.DataFrame([], columns=["image_id", "reason"], dtype=str)
+    check_rejected(none, 4, path, 0.0, "t.tsv")
+    assert path.read_text() == "image_id\treason\n"  # header only
+    one = pd.DataFrame([("A", "file not found")], columns=["image_id", "reason"])
+    check_rejected(one, 4, path, 0.25, "t.tsv")  # 1 of 4 is not more than 25 %: skipped
+    assert pd.read_csv(path, sep="\t")["image_id"].tolist() == ["A"]
+    with pytest.raises(InputError) as info:
+        check_rejected(one, 4, path, 0.2, "t.tsv", problem="unusable", first_key="image_id")
+    assert str(info.value) == f"t.tsv: 1 of 4 images unusable, first: A: file not found; full list in {path}"
+    with pytest.raises(InputError, match="1 of 1 images failed"):
+        check_rejected(one, 1, path, 1.0, "t.tsv")  # all failed: always an error
+    with pytest.raises(InputError, match=r"max_bad_fraction must be in \[0, 1\], got 1.5"):
+        check_fraction(1.5)
+
+
+def test_resolve_path_relative_absolute_and_home(tmp_path):
+    assert resolve_path("a/b.png", tmp_path) == tmp_path / "a/b.png"
+    assert resolve_path(str(tmp_path / "c.png"), Path("/elsewhere")) == tmp_path / "c.png"
+    assert resolve_path("~/d.png", tmp_path) == Path.home() / "d.png"

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from hamil.models import available, build_model, create
-from hamil.models.tree_aggregators import random_merge_order
 from hamil.models.units import AggregationUnit
-from hamil.tree import merge_order, tree_height
+from hamil.tree import merge_order, random_merge_order, tree_height
 
 
 def reference_tree_aggregate(features: torch.Tensor, unit: nn.Module, triplets: np.ndarray) -> torch.Tensor:
@@ -147,7 +146,7 @@ def test_bag_sizes_modes_and_gradients(name, sizes):
     images = torch.randint(0, 256, (sum(sizes), 3, 48, 48), dtype=torch.uint8)  # 2x2 feature maps
     bag_sizes = torch.tensor(sizes)
     model.train()
-    logits = model(images, bag_sizes)
+    logits, _ = model(images, bag_sizes)
     assert logits.shape == (len(sizes), 4)
     logits.sum().backward()
     groups = {"backbone": model.backbone, "aggregator": model.aggregator, "head": model.head}
@@ -195,5 +194,5 @@ def test_non_square_instances(name):
     torch.manual_seed(0)
     model = build_model(name, 3).eval()
     with torch.no_grad():
-        out = model(torch.randint(0, 256, (5, 3, 64, 128), dtype=torch.uint8), torch.tensor([2, 3]))
+        out, _ = model(torch.randint(0, 256, (5, 3, 64, 128), dtype=torch.uint8), torch.tensor([2, 3]))
     assert out.shape == (2, 3)

@@ -15,6 +15,7 @@ from torchvision.models import resnet18
 
 from hamil.cli import build_parser, main
 from hamil.models.backbone import Backbone
+from preprocessing.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("synth", "download", "crop", "bags", "train", "evaluate", "figures", "compare", "predict")
@@ -33,8 +34,25 @@ def test_environment_yml_agrees_with_pyproject():
         _name(d) for block in env if isinstance(block, dict) for d in block["pip"] if not d.startswith("-e")
     }
     assert required <= (conda | pip) - {"python", "pip"}, required - conda - pip
+    # and the other way: whatever the conda environment adds is a pip extra too, so that
+    # `pip install -e ".[dev]"` gives the same tools (the SLURM plugin was once only in environment.yml)
+    extras = {_name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    assert (conda | pip) - {"python", "pip"} <= required | extras, (conda | pip) - required - extras
+    assert {"snakemake-executor-plugin-slurm", "tensorboard"} <= _dev_closure(project)
     assert any(str(d).startswith("python=3.11") for d in env)
     assert yaml.safe_load((REPO / "workflow/envs/hamil.yaml").read_text())["dependencies"][:-1] == env[:-1]
+
+
+def _dev_closure(project: dict) -> set[str]:
+    """Package names the ``dev`` extra installs, following self-references such as ``hamil[slurm]``."""
+    extras, names, todo = project["optional-dependencies"], set(), ["dev"]
+    while todo:
+        for req in extras[todo.pop()]:
+            if _name(req) == project["name"]:
+                todo.extend(re.search(r"\[(.*)\]", req).group(1).split(","))
+            else:
+                names.add(_name(req))
+    return names
 
 
 def test_every_stage_is_a_subcommand():
@@ -66,14 +84,16 @@ def test_preprocessing_never_imports_torch():
     ],
 )
 def test_download_options_are_checked(tmp_path, capsys, options, needle):
-    assert main(["download", "bdgp", "--out", str(tmp_path), "--options", options]) == 2
+    # no retries: the error is the same after the back-off, which would only add seconds here
+    assert main(["download", "bdgp", "--out", str(tmp_path), "--options", options, "--retries", "0"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
 
 
 def test_download_a_source_that_cannot_be_reached_fails_with_the_url(tmp_path, capsys):
     options = '{"base_url": "http://127.0.0.1:9", "min_interval": 0}'  # port 9: nothing listens
-    assert main(["download", "bdgp", "--out", str(tmp_path), "--options", options]) == 2
+    # no retries: the error is the same after the back-off, which would only add seconds here
+    assert main(["download", "bdgp", "--out", str(tmp_path), "--options", options, "--retries", "0"]) == 2
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9/" in err and err.count("\n") == 1
 
@@ -98,5 +118,5 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a ResNet18 state_dict"):
         Backbone(str(tmp_path / "other.pth"))
-    with pytest.raises(FileNotFoundError, match="weights file not found"):
+    with pytest.raises(InputError, match="weights file not found"):
         Backbone(str(tmp_path / "missing.pth"))

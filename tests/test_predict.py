@@ -17,9 +17,9 @@ import torch
 import zarr
 from PIL import Image
 
-from hamil.apply import bag_instances, crop_params_of, predict_images, read_bags
 from hamil.checkpoint import load_checkpoint, save_checkpoint
 from hamil.cli import main
+from hamil.predict import bag_instances, crop_params_of, predict_images, read_bags
 from preprocessing.bags import BagParams, build_bags
 from preprocessing.errors import InputError
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hamil.distributed import InstanceBalancedBatchSampler, balance_instances
+from hamil.data import InstanceBalancedBatchSampler, balance_instances
 
 
 @given(st.lists(st.integers(1, 500), min_size=1, max_size=40), st.integers(1, 6))

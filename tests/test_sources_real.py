@@ -142,9 +142,9 @@ def bdgp_site(site: Script, bad: bool = True) -> None:
 def test_bdgp_acquire_end_to_end_rejects_html(site, tmp_path):
     url, s = site
     bdgp_site(s)
-    opts = bdgp.BdgpOptions(base_url=url + "/", min_interval=0.0, max_bad_fraction=0.3)
+    opts = bdgp.BdgpOptions(base_url=url + "/", min_interval=0.0)
     out = tmp_path / "bdgp"
-    table = bdgp.acquire(out, opts, downloader(tmp_path))
+    table = bdgp.acquire(out, opts, downloader(tmp_path), max_bad_fraction=0.3)
     assert table.columns.tolist() == list(bdgp.IMAGES_TSV_COLUMNS)
     assert table["image_id"].tolist() == ["insitu10383", "insitu10384", "insitu11001"]
     assert table["stage"].tolist() == ["4-6", "4-6", "9-10"]
@@ -333,7 +333,7 @@ def test_hpa_channel_urls_composite_per_channel_and_mirror():
     with pytest.raises(InputError, match="no '_blue'"):
         hpa.channel_urls("https://x/1/a_green.jpg", ("blue",))
     with pytest.raises(InputError, match="channels"):
-        hpa.HpaOptions(channels=("purple",)).validate()
+        hpa.HpaOptions(channels=("purple",))
 
 
 def hpa_site(url: str, site: Script, new_path: bool = False) -> None:
@@ -396,7 +396,7 @@ def test_hpa_acquire_image_failures_and_missing_table(site, tmp_path):
     with pytest.raises(DownloadError, match="1 of 3 images failed"):
         hpa.acquire(tmp_path / "a", hpa.HpaOptions(base_url=url), downloader(tmp_path))
     table = hpa.acquire(
-        tmp_path / "b", hpa.HpaOptions(base_url=url, max_bad_fraction=0.5), downloader(tmp_path)
+        tmp_path / "b", hpa.HpaOptions(base_url=url), downloader(tmp_path), max_bad_fraction=0.5
     )
     assert len(table) == 2
     assert pd.read_csv(tmp_path / "b" / "rejected.tsv", sep="\t")["image_id"].tolist() == ["4109_1832_C1_3"]

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from preprocessing.errors import InputError
 from preprocessing.sources import synthetic
 from preprocessing.sources.synthetic import LOCATIONS, QUALITIES, SynthParams, generate
 
@@ -211,10 +212,10 @@ def test_nosignal_has_no_specific_green() -> None:
 
 
 def test_bad_params_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="fields_min"):
-        generate(tmp_path, SynthParams(fields_min=5, fields_max=4))
-    with pytest.raises(ValueError, match="field_size"):
-        generate(tmp_path, SynthParams(field_size=100, cell_size=60))
+    with pytest.raises(InputError, match="fields_min"):
+        SynthParams(fields_min=5, fields_max=4)
+    with pytest.raises(InputError, match="field_size"):
+        SynthParams(field_size=100, cell_size=60)
     with pytest.raises(ValueError, match="labels"):
         synthetic._preview_field(["Cytoplasm"], TINY)
 

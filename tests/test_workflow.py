@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -169,7 +170,7 @@ def test_own_folder_binary_screening(tmp_path):
                 "table": str(images / "plate.tsv"),
                 "shards": 1,
                 "crop": {"instances": "whole", "whole_size": [32, 48]},
-                "bags": {"classes": ["hit"], "keep_unlabeled": True, "split_ratio": [2, 1, 1]},
+                "bags": {"classes": ["hit"], "keep_unlabelled": True, "split_ratio": [2, 1, 1]},
             }
         },
         "models": ["mean"],
@@ -210,6 +211,10 @@ def test_shards_sized_by_fields(tmp_path):
     assert (tmp_path / "data/processed/tiny.zarr").is_dir()
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+    reason="snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')",
+)
 def test_slurm_profile_dry_run(tmp_path):
     """The SLURM workflow profile (executor plugin installed) plans the full reproduction."""
     proc = snakemake(

@@ -7,7 +7,16 @@ from torch import nn
 from hamil.models import attention, pooling, tree_aggregators  # noqa: F401  (register the aggregators)
 from hamil.models.backbone import Backbone
 from hamil.models.model import Explanation, Head, MILModel
-from hamil.models.registry import Aggregator, AggregatorOutput, available, create, paper_name, register
+from hamil.models.registry import (
+    Aggregator,
+    AggregatorOutput,
+    ModelInfo,
+    available,
+    create,
+    model_info,
+    paper_name,
+    register,
+)
 
 __all__ = [
     "Aggregator",
@@ -16,8 +25,10 @@ __all__ = [
     "Explanation",
     "Head",
     "MILModel",
+    "ModelInfo",
     "available",
     "build_model",
+    "model_info",
     "paper_name",
     "register",
 ]
@@ -30,7 +41,8 @@ def build_model(
 
     ``options`` go to the aggregator (e.g. ``depth``, ``kernel_size``, ``tree_features`` for HAMIL).
     """
+    info = model_info(name)
     backbone = Backbone(pretrained)
     aggregator = create(name, backbone.out_channels, num_classes=num_classes, **options)
-    head = nn.Identity() if getattr(aggregator, "provides_logits", False) else None
-    return MILModel(backbone, aggregator, head or Head(aggregator.out_channels, num_classes, dropout))
+    head = nn.Identity() if info.provides_logits else Head(aggregator.out_channels, num_classes, dropout)
+    return MILModel(backbone, aggregator, head, info)

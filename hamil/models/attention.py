@@ -5,16 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hamil.models.pooling import MeanPool, bag_index, pool, segment_softmax, segment_sum
+from hamil.models.ops import bag_index, pool, segment_softmax, weighted_sum
+from hamil.models.pooling import MeanPool
 from hamil.models.registry import Aggregator, AggregatorOutput, register
 
 
-def _weighted_sum(values: torch.Tensor, weights: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
-    shape = (-1, *[1] * (values.dim() - 1))
-    return segment_sum(values * weights.view(shape), bag_sizes)  # (B, ...)
-
-
-@register("attention")
+@register("attention", paper_name="Attention", score_kind="attention weight")
 class AttentionPool(Aggregator):
     """Attention MIL pooling (Ilse, Tomczak & Welling, ICML 2018, Eq. 8) on embedded instance vectors.
 
@@ -22,8 +18,6 @@ class AttentionPool(Aggregator):
     Scores are the weights ``a_k`` (they sum to 1 in each bag). ``embed_dim=None`` drops the embedding
     (``h_k = pool(f_k)``), as in Ilse et al.'s networks for the classical MIL sets.
     """
-
-    score_kind = "attention weight"
 
     gated = False
 
@@ -50,10 +44,10 @@ class AttentionPool(Aggregator):
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
         h = self.embed(pool(features))  # (N, M)
         weights = segment_softmax(self.logits(h), bag_sizes)  # (N,)
-        return AggregatorOutput(_weighted_sum(h, weights, bag_sizes), weights)  # (B, M)
+        return AggregatorOutput(weighted_sum(h, weights, bag_sizes), weights)  # (B, M)
 
 
-@register("gated_attention")
+@register("gated_attention", paper_name="Gated attention", score_kind="attention weight")
 class GatedAttentionPool(AttentionPool):
     """Gated attention MIL pooling (Ilse et al., ICML 2018, Eq. 9):
     ``a_k = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))``; otherwise as ``attention``."""
@@ -61,7 +55,7 @@ class GatedAttentionPool(AttentionPool):
     gated = True
 
 
-@register("nan")
+@register("nan", paper_name="NAN", score_kind="attention weight")
 class NeuralAggregation(Aggregator):
     """Neural Aggregation Network (Yang et al., CVPR 2017, Eqs. 1-3): two cascaded attention blocks.
 
@@ -70,8 +64,6 @@ class NeuralAggregation(Aggregator):
     As in the HAMIL paper, it aggregates feature maps: the scores use the pooled maps, the weights apply to
     the whole maps, so the output is a map ``(B, C, h, w)``. Scores are the block-2 weights.
     """
-
-    score_kind = "attention weight"
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -82,14 +74,14 @@ class NeuralAggregation(Aggregator):
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
         f = pool(features)  # (N, C)
         a0 = segment_softmax(f @ self.q0, bag_sizes)  # (N,)
-        r0 = _weighted_sum(f, a0, bag_sizes)  # (B, C)
+        r0 = weighted_sum(f, a0, bag_sizes)  # (B, C)
         q1 = torch.tanh(self.transfer(r0))  # (B, C)
         index = bag_index(bag_sizes.to(f.device))
         a1 = segment_softmax((f * q1[index]).sum(1), bag_sizes)  # (N,)
-        return AggregatorOutput(_weighted_sum(features, a1, bag_sizes), a1)  # (B, C, h, w)
+        return AggregatorOutput(weighted_sum(features, a1, bag_sizes), a1)  # (B, C, h, w)
 
 
-@register("deepmiml")
+@register("deepmiml", paper_name="DeepMIML", score_kind="largest label score", provides_logits=True)
 class DeepMIML(Aggregator):
     """DeepMIML's sub-concept layer (Feng & Zhou, AAAI 2017).
 
@@ -99,9 +91,6 @@ class DeepMIML(Aggregator):
     head; the sigmoid and BCE follow, as for every model here; no ReLU on ``s`` so logits can be negative).
     Scores per instance: its largest instance-label score.
     """
-
-    provides_logits = True
-    score_kind = "largest label score"
 
     def __init__(self, channels: int, num_classes: int, sub_concepts: int = 4, embed_dim: int = 256) -> None:
         super().__init__()
@@ -120,10 +109,8 @@ class DeepMIML(Aggregator):
         return AggregatorOutput(bags, instance_label.amax(dim=1))
 
 
-@register("si")
+@register("si", paper_name="SI", score_kind="largest class probability", instance_level=True)
 class SingleInstance(MeanPool):
     """Single-instance baseline: every instance is trained alone with its bag's labels; a bag's probability
     is the mean of its instances' probabilities (``MILModel`` does both, as ``instance_level`` asks). As an
     aggregator it is mean pooling, which gives the bag features for figures."""
-
-    instance_level = True

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from preprocessing.errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,12 +44,12 @@ class Backbone(nn.Module):
 
 def _load_local_weights(net: nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+        raise InputError(f"{path}: pretrained weights file not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a ResNet18 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hamil.models.backbone import Backbone
-from hamil.models.pooling import bag_index, pool, segment_sum
-from hamil.models.registry import Aggregator
+from hamil.models.ops import bag_index, pool, segment_sum
+from hamil.models.registry import Aggregator, AggregatorOutput, ModelInfo
 
 
 class Head(nn.Module):
@@ -33,41 +33,50 @@ class Explanation(NamedTuple):
 
 
 class MILModel(nn.Module):
-    """A bag classifier: ``forward(images (N, 3, H, W), bag_sizes (B,)) -> logits (B, K)``."""
+    """A bag classifier in timm's shape: ``forward_features`` (backbone + aggregator), ``forward_head``.
 
-    def __init__(self, backbone: Backbone, aggregator: Aggregator, head: nn.Module) -> None:
+    ``forward(images (N, 3, H, W), bag_sizes (B,), labels (B, K) | None) -> (logits (B, K), loss | None)``;
+    the loss is the BCE averaged over the K classes and *summed* over the training items: bags, or
+    instances (each with its bag's labels) for instance-level models such as SI. What differs between
+    models comes from the registry (``info``), never from probing attributes.
+    """
+
+    def __init__(self, backbone: Backbone, aggregator: Aggregator, head: nn.Module, info: ModelInfo) -> None:
         super().__init__()
         self.backbone = backbone
         self.aggregator = aggregator
         self.head = head
-        self.instance_level = bool(getattr(aggregator, "instance_level", False))
+        self.info = info
+
+    @property
+    def instance_level(self) -> bool:
+        return self.info.instance_level
 
     @property
     def score_kind(self) -> str:
         """What :meth:`explain`'s instance scores are, for figure titles."""
-        if self.instance_level:
-            return "largest class probability"
-        return getattr(self.aggregator, "score_kind", "cosine similarity with the bag feature")
+        return self.info.score_kind
 
-    def forward(self, images: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images)  # (N, C, h, w)
-        if self.instance_level:
-            return self._mean_probability_logits(self.head(features), bag_sizes)  # (B, K)
-        return self.head(self.aggregator(features, bag_sizes).bags)  # (B, K)
+    def forward_features(self, images: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        """Instance feature maps through the aggregator: bag features ``(B, C, h, w)`` or ``(B, D)``."""
+        return self.aggregator(self.backbone(images), bag_sizes)
 
-    def loss(
-        self, images: torch.Tensor, bag_sizes: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
-    ) -> torch.Tensor:
-        """BCE averaged over the K classes of each bag, or of each instance (with its bag's labels) for
-        instance-level models; then the ``"mean"`` or the ``"sum"`` over bags (instances)."""
+    def forward_head(self, bags: torch.Tensor) -> torch.Tensor:
+        """Bag features -> logits ``(B, K)``."""
+        return self.head(bags)
+
+    def forward(
+        self, images: torch.Tensor, bag_sizes: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.instance_level:
-            logits = self.head(self.backbone(images))  # (N, K)
+            instance_logits = self.head(self.backbone(images))  # (N, K)
+            logits = self._mean_probability_logits(instance_logits, bag_sizes)  # (B, K)
+            if labels is None:
+                return logits, None
             target = labels[bag_index(bag_sizes.to(labels.device))]  # (N, K)
-        else:
-            logits, target = self(images, bag_sizes), labels  # (B, K)
-        per_item = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-        per_item = per_item.mean(dim=1)  # (B,) or (N,)
-        return per_item.sum() if reduction == "sum" else per_item.mean()
+            return logits, _summed_bce(instance_logits, target)
+        logits = self.forward_head(self.forward_features(images, bag_sizes).bags)  # (B, K)
+        return logits, (None if labels is None else _summed_bce(logits, labels))
 
     @staticmethod
     def _mean_probability_logits(instance_logits: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
@@ -90,7 +99,13 @@ class MILModel(nn.Module):
             logits = self._mean_probability_logits(instance_logits, bag_sizes)
             scores = torch.sigmoid(instance_logits).amax(dim=1)  # (N,)
         else:
-            logits = self.head(out.bags)
+            logits = self.forward_head(out.bags)
         if scores is None:
             scores = F.cosine_similarity(inst, bags[bag_index(bag_sizes.to(inst.device))], dim=1)  # (N,)
         return Explanation(logits, bags, inst, scores)
+
+
+def _summed_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE of ``(M, K)`` logits, averaged over the K classes, summed over the M items (float32)."""
+    per_item = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return per_item.mean(dim=1).sum()

@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from hamil.models.ops import bag_index, segment_sum
 from hamil.models.registry import Aggregator, AggregatorOutput, register
 
 
-def pool(x: torch.Tensor) -> torch.Tensor:
-    """``(M, C, h, w)`` -> ``(M, C)`` by global average pooling; vectors ``(M, C)`` pass through."""
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
-
-
-def bag_index(bag_sizes: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` index of the bag each instance belongs to."""
-    return torch.repeat_interleave(torch.arange(len(bag_sizes), device=bag_sizes.device), bag_sizes)
-
-
-def segment_softmax(scores: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
-    """Softmax of ``scores (N,)`` within each bag (instances contiguous)."""
-    index = bag_index(bag_sizes.to(scores.device))
-    top = scores.new_full((len(bag_sizes),), -torch.inf).scatter_reduce(0, index, scores, reduce="amax")
-    exp = torch.exp(scores - top[index])
-    return exp / segment_sum(exp, bag_sizes)[index]
-
-
-def segment_sum(features: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
-    """Sum of each bag's instance features: ``(N, ...)`` -> ``(B, ...)``."""
-    out = features.new_zeros((len(bag_sizes), *features.shape[1:]))
-    return out.index_add(0, bag_index(bag_sizes.to(features.device)), features)
-
-
-@register("mean")
+@register("mean", paper_name="Mean")
 class MeanPool(Aggregator):
     """MI baseline (mean pooling, e.g. Wang et al., Pattern Recognit. 2018, "Revisiting multiple instance
     neural networks"): the element-wise mean of a bag's instance maps, ``z = (1/n) sum_i f_i``."""
@@ -45,7 +22,7 @@ class MeanPool(Aggregator):
         return AggregatorOutput(segment_sum(features, bag_sizes) / sizes, None)  # (B, C, h, w)
 
 
-@register("max")
+@register("max", paper_name="Max")
 class MaxPool(Aggregator):
     """MVCNN baseline (Su et al., ICCV 2015, "view pooling"): element-wise max over a bag's instance maps,
     ``z[c, y, x] = max_i f_i[c, y, x]``."""
@@ -61,7 +38,7 @@ class MaxPool(Aggregator):
         return AggregatorOutput(out, None)  # (B, C, h, w)
 
 
-@register("sum")
+@register("sum", paper_name="Sum")
 class SumPool(Aggregator):
     """SPoC baseline (Babenko & Lempitsky, ICCV 2015, sum pooling of convolutional features): the
     element-wise sum of a bag's instance maps, ``z = sum_i f_i``."""

@@ -1,13 +1,19 @@
-"""Aggregator interface and the registry that selects one by name."""
+"""Aggregator interface and the registry that selects one by name, with what differs between models."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from preprocessing.errors import InputError
+
+#: What an instance score is when the aggregator has none of its own (paper Fig. 7).
+COSINE_SCORE = "cosine similarity with the bag feature"
 
 
 class AggregatorOutput(NamedTuple):
@@ -26,40 +32,55 @@ class Aggregator(nn.Module):
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, Callable[..., Aggregator]] = {}
+@dataclass(frozen=True)
+class ModelInfo:
+    """Registry metadata: what the rest of the code needs to know about a model, by name.
+
+    ``provides_logits``: the aggregator outputs the K logits itself (no linear head, e.g. DeepMIML);
+    ``instance_level``: instances are trained alone with their bag's labels and a bag's probability is the
+    mean of theirs (SI); ``score_kind``: what its per-instance scores are, for figure titles.
+    """
+
+    name: str
+    cls: type[Aggregator]
+    paper_name: str
+    score_kind: str = COSINE_SCORE
+    provides_logits: bool = False
+    instance_level: bool = False
 
 
-def register(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
-    """Class decorator adding an aggregator to the registry under ``name``."""
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register(
+    name: str,
+    *,
+    paper_name: str,
+    score_kind: str = COSINE_SCORE,
+    provides_logits: bool = False,
+    instance_level: bool = False,
+) -> Callable[[type[Aggregator]], type[Aggregator]]:
+    """Class decorator adding an aggregator to the registry under ``name`` with its :class:`ModelInfo`."""
 
     def wrap(cls: type[Aggregator]) -> type[Aggregator]:
         if name in _REGISTRY:
             raise ValueError(f"aggregator {name!r} registered twice")
-        _REGISTRY[name] = cls
+        _REGISTRY[name] = ModelInfo(name, cls, paper_name, score_kind, provides_logits, instance_level)
         return cls
 
     return wrap
 
 
-#: The paper's names of the registered models, for tables and figures.
-PAPER_NAMES: dict[str, str] = {
-    "hamil": "HAMIL",
-    "hamil_a": "HAMIL-A",
-    "ramil": "RAMIL",
-    "si": "SI",
-    "mean": "Mean",
-    "max": "Max",
-    "sum": "Sum",
-    "nan": "NAN",
-    "attention": "Attention",
-    "gated_attention": "Gated attention",
-    "deepmiml": "DeepMIML",
-}
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of model ``name``; an unknown name is an :class:`InputError` listing the valid."""
+    if name not in _REGISTRY:
+        raise InputError(f"unknown model {name!r}; valid names: {', '.join(available())}")
+    return _REGISTRY[name]
 
 
 def paper_name(name: str) -> str:
-    """The paper's name of model ``name`` (the name itself when the paper has none)."""
-    return PAPER_NAMES.get(name, name)
+    """The paper's name of model ``name`` (the name itself when it is not registered)."""
+    return _REGISTRY[name].paper_name if name in _REGISTRY else name
 
 
 def available() -> list[str]:
@@ -72,9 +93,7 @@ def create(name: str, channels: int, num_classes: int | None = None, **options: 
 
     ``num_classes`` is passed on only to aggregators that take it (those that output logits themselves).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available())}")
-    cls = _REGISTRY[name]
+    cls = model_info(name).cls
     params = inspect.signature(cls).parameters
     if "num_classes" in params:
         if num_classes is None:
@@ -84,12 +103,5 @@ def create(name: str, channels: int, num_classes: int | None = None, **options: 
     unknown = sorted(set(options) - accepted - {"num_classes"})
     if unknown:
         takes = ", ".join(sorted(accepted - {"num_classes"})) or "none"
-        raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: {takes}")
+        raise InputError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: {takes}")
     return cls(channels, **options)
-
-
-def bag_slices(bag_sizes: torch.Tensor) -> list[slice]:
-    """Python slices of each bag's instances in the concatenated batch."""
-    ends = torch.cumsum(bag_sizes, 0).tolist()
-    starts = [0, *ends[:-1]]
-    return [slice(s, e) for s, e in zip(starts, ends, strict=True)]

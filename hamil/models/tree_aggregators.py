@@ -8,25 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from hamil.models.pooling import pool
-from hamil.models.registry import Aggregator, AggregatorOutput, bag_slices, register
+from hamil.models.ops import bag_slices, pool
+from hamil.models.registry import Aggregator, AggregatorOutput, register
 from hamil.models.units import AggregationUnit, MeanUnit
-from hamil.tree import merge_order, tree_levels
+from hamil.tree import canonical_children, merge_order, random_merge_order, tree_levels
+from preprocessing.errors import InputError
 
 TREE_FEATURES = ("flatten", "pooled")
-
-
-def random_merge_order(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random pairing order on ``n`` leaves, as ``(n - 1, 3)`` triplets like ``merge_order``."""
-    active = list(range(n))
-    rows = np.empty((max(n - 1, 0), 3), dtype=np.int64)
-    for k in range(n - 1):
-        i, j = sorted(rng.choice(len(active), size=2, replace=False))
-        a, b = active[i], active[j]
-        del active[j], active[i]
-        active.append(n + k)
-        rows[k] = (min(a, b), max(a, b), n + k)
-    return rows
 
 
 class TreeAggregator(Aggregator):
@@ -92,7 +80,7 @@ def _tree_input(features: torch.Tensor, mode: str) -> torch.Tensor:
     return pool(features) if mode == "pooled" else features.flatten(1)  # (n, C) or (n, C*h*w)
 
 
-@register("hamil")
+@register("hamil", paper_name="HAMIL")
 class Hamil(TreeAggregator):
     """HAMIL (Tu et al.): the aggregation unit applied along the single-linkage tree (paper Alg. 1, Eqs. 2-4).
 
@@ -117,7 +105,7 @@ class Hamil(TreeAggregator):
         unit: nn.Module | None = None,
     ) -> None:
         if tree_features not in TREE_FEATURES:
-            raise ValueError(f"tree_features must be one of {TREE_FEATURES}, got {tree_features!r}")
+            raise InputError(f"tree_features must be one of {TREE_FEATURES}, got {tree_features!r}")
         unit = unit or AggregationUnit(depth, kernel_size, batch_norm, hidden, dims, init)
         super().__init__(channels, unit)
         self.tree_features = tree_features
@@ -127,27 +115,7 @@ class Hamil(TreeAggregator):
         return canonical_children(merge_order(points), points)
 
 
-def canonical_children(triplets: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Order each merge's children independently of the instances' order in the bag.
-
-    Algorithm 1 gives ``a < b`` by cluster id. Ids of merged clusters follow merge height, which does not
-    depend on the instance order, but leaf ids are instance indices. So where both children are leaves,
-    they are ordered by their feature vectors (lexicographically) instead; everything else is kept. With
-    distinct distances the unit (which is not symmetric in its inputs) then sees the same (left, right) for
-    any permutation of the bag: HAMIL is permutation invariant, as the paper states.
-    """
-    n = len(points)
-    out = triplets.copy()
-    both = np.flatnonzero((out[:, 0] < n) & (out[:, 1] < n))
-    if len(both):
-        diff = points[out[both, 0]] - points[out[both, 1]]  # (m, D)
-        first = np.argmax(diff != 0, axis=1)
-        swap = diff[np.arange(len(both)), first] > 0
-        out[both[swap], :2] = out[both[swap], 1::-1]
-    return out
-
-
-@register("hamil_a")
+@register("hamil_a", paper_name="HAMIL-A")
 class HamilA(Hamil):
     """HAMIL-A (ablation): HAMIL's single-linkage tree with the element-wise mean as the unit."""
 
@@ -155,7 +123,7 @@ class HamilA(Hamil):
         super().__init__(channels, tree_features=tree_features, unit=MeanUnit())
 
 
-@register("ramil")
+@register("ramil", paper_name="RAMIL")
 class Ramil(TreeAggregator):
     """RAMIL (ablation): HAMIL's unit applied along a random pairing order.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from preprocessing.errors import InputError
+
 UNIT_INITS = ("default", "average")
 
 
@@ -29,9 +31,9 @@ class AggregationUnit(nn.Module):
     ) -> None:
         super().__init__()
         if init not in UNIT_INITS:
-            raise ValueError(f"unit init must be one of {UNIT_INITS}, got {init!r}")
+            raise InputError(f"unit init must be one of {UNIT_INITS}, got {init!r}")
         if depth < 1 or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"need depth >= 1 and an odd kernel size, got depth={depth}, k={kernel_size}")
+            raise InputError(f"need depth >= 1 and an odd kernel size, got depth={depth}, k={kernel_size}")
         conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
         norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
         self.dims = dims

@@ -32,7 +32,7 @@ import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, FetchItem, sniff
 from preprocessing.errors import InputError
-from preprocessing.io import write_tsv
+from preprocessing.io import check_fraction, write_tsv
 from preprocessing.sources.common import finish_downloads
 
 __all__ = [
@@ -76,16 +76,13 @@ class BdgpOptions:
     drop_prefixes: tuple[str, ...] = ("list_",)
     keep_unlabelled: bool = False  # keep (gene, stage) bags whose only terms were dropped (empty labels)
     min_interval: float = 1.0  # seconds between requests (be gentle with this server)
-    max_bad_fraction: float = 0.05
     # (gene, stage, view, path) column indices of the images table, overriding detection by content
     image_columns: tuple[int, int, int, int] | None = None
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         bad = [s for s in self.stages if s not in STAGE_RANGES]
         if bad:
             raise InputError(f"bdgp stages must be codes 1-6, got {bad}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise InputError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 # ------------------------------------------------------------------------------------------ table reading
@@ -314,7 +311,12 @@ def _fetch_table(downloader: Downloader, url: str, dest: Path) -> bytes:
 
 
 def acquire(
-    out_dir: Path, options: BdgpOptions, downloader: Downloader | None = None, limit: int | None = None
+    out_dir: Path,
+    options: BdgpOptions,
+    downloader: Downloader | None = None,
+    limit: int | None = None,
+    max_bad_fraction: float = 0.05,
+    retries: int = 5,
 ) -> pd.DataFrame:
     """Download the BDGP tables and images and write ``<out_dir>/images.tsv``; return that table.
 
@@ -322,14 +324,15 @@ def acquire(
     ``downloader`` a polite one is made (one connection, ``options.min_interval`` seconds between
     requests, manifest ``<out_dir>/manifest.tsv``). Images that fail (HTTP error, an HTML page instead of
     a JPEG) are listed in ``<out_dir>/rejected.tsv`` (``image_id, url, reason``) and left out; if more than
-    ``options.max_bad_fraction`` of them (or all) fail, :class:`DownloadError` is raised and ``images.tsv``
-    is not written.
+    ``max_bad_fraction`` of them (or all) fail, :class:`DownloadError` is raised and ``images.tsv`` is not
+    written.
+    ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
-    options.validate()
+    check_fraction(max_bad_fraction)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if downloader is None:
-        policy = DownloadPolicy(min_interval=options.min_interval, concurrency=1)
+        policy = DownloadPolicy(min_interval=options.min_interval, concurrency=1, retries=retries)
         downloader = Downloader(policy, manifest=out_dir / "manifest.tsv")
     base = options.base_url.rstrip("/")
     annot_url, images_url = f"{base}/{options.annot_path}", f"{base}/{options.images_path}"
@@ -356,7 +359,7 @@ def acquire(
         },
         columns=list(IMAGES_TSV_COLUMNS),
     )
-    table = _download_images(table, out_dir, downloader, options.max_bad_fraction, images_url)
+    table = _download_images(table, out_dir, downloader, max_bad_fraction, images_url)
     write_tsv(table, out_dir / "images.tsv")
     return table
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, FetchItem
-from preprocessing.io import write_tsv
-
-log = logging.getLogger(__name__)
+from preprocessing.io import check_rejected
 
 REJECTED_COLUMNS: tuple[str, ...] = ("image_id", "url", "reason")
 
@@ -27,7 +24,7 @@ def finish_downloads(
     """Fetch ``items`` (``rows[i]`` = the table row of item ``i``); drop rows with a failed item.
 
     Failures go to ``<out_dir>/rejected.tsv`` (``image_id, url, reason``); :class:`DownloadError` when
-    more than ``max_bad_fraction`` of the rows (or all) failed.
+    more than ``max_bad_fraction`` of the rows (or all) failed (see :func:`preprocessing.io.check_rejected`).
     """
     results = downloader.fetch_many(items)
     failed: dict[int, tuple[str, str, str]] = {}
@@ -35,14 +32,6 @@ def finish_downloads(
         if res.error and row not in failed:
             failed[row] = (table["image_id"].iloc[row], res.item.url, res.error)
     rejected = pd.DataFrame(list(failed.values()), columns=list(REJECTED_COLUMNS), dtype=str)
-    write_tsv(rejected, out_dir / "rejected.tsv")
-    n, k = len(table), len(failed)
-    if k and (k == n or k / n > max_bad_fraction):
-        first = next(iter(failed.values()))
-        raise DownloadError(
-            f"{what}: {k} of {n} images failed, first: {first[2]}; full list in {out_dir}/rejected.tsv"
-        )
-    if k:
-        log.warning("skipped %d of %d images that failed, listed in %s/rejected.tsv", k, n, out_dir)
-    keep = [i not in failed for i in range(n)]
+    check_rejected(rejected, len(table), out_dir / "rejected.tsv", max_bad_fraction, what, DownloadError)
+    keep = [i not in failed for i in range(len(table))]
     return table[keep].reset_index(drop=True)

@@ -14,7 +14,6 @@ The output ``<out_dir>/images.tsv`` has ``image_id, group, path, labels`` then t
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,11 +21,18 @@ from pathlib import Path
 import pandas as pd
 
 from preprocessing.errors import InputError
-from preprocessing.io import IMAGES_COLUMNS, read_image, read_table, split_labels, write_tsv
+from preprocessing.io import (
+    IMAGES_COLUMNS,
+    check_fraction,
+    check_rejected,
+    read_image,
+    read_table,
+    resolve_path,
+    split_labels,
+    write_tsv,
+)
 
 __all__ = ["EXTENSIONS", "REJECTED_COLUMNS", "REQUIRED_COLUMNS", "check_image", "prepare_folder"]
-
-log = logging.getLogger(__name__)
 
 EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "group", "labels")
@@ -53,35 +59,44 @@ def prepare_folder(
     """
     table = Path(table)
     out_dir = Path(out_dir)
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise InputError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    check_fraction(max_bad_fraction)
     rows = read_table(table, REQUIRED_COLUMNS)
     if rows.empty:
         raise InputError(f"{table}: no images listed (the table has a header but no rows)")
-    root = Path(image_root) if image_root is not None else table.parent
-    root = root.resolve()
+    root = (Path(image_root) if image_root is not None else table.parent).resolve()
 
     ids = _image_ids(rows, table)
-    resolved = [_resolve(p, root) for p in rows["path"]]
+    resolved = [str(resolve_path(p.strip(), root)) for p in rows["path"]]
     reasons = _check_all(rows, resolved, workers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _reject_unusable(rows, reasons, table, out_dir, max_bad_fraction)
+    out = _images_table(rows, ids, resolved)
+    out = out[[r is None for r in reasons]].reset_index(drop=True)
+    write_tsv(out, out_dir / "images.tsv")
+    return out
 
+
+def _reject_unusable(
+    rows: pd.DataFrame, reasons: list[str | None], table: Path, out_dir: Path, max_bad_fraction: float
+) -> None:
+    """Write ``<out_dir>/rejected.tsv`` (``path, reason``); :class:`InputError` when too many are bad."""
     bad = [i for i, r in enumerate(reasons) if r is not None]
     rejected = pd.DataFrame(
         [(rows["path"].iloc[i], reasons[i]) for i in bad], columns=list(REJECTED_COLUMNS), dtype=str
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_tsv(rejected, out_dir / "rejected.tsv")
-    n, k = len(rows), len(bad)
-    if k and (k == n or k / n > max_bad_fraction):
-        first = rejected.iloc[0]
-        raise InputError(
-            f"{table}: {k} of {n} images unusable, first: {first['path']}: {first['reason']}; "
-            f"full list in {out_dir}/rejected.tsv"
-        )
-    if k:
-        log.warning("%s: skipped %d of %d unusable images, listed in %s/rejected.tsv", table, k, n, out_dir)
+    check_rejected(
+        rejected,
+        len(rows),
+        out_dir / "rejected.tsv",
+        max_bad_fraction,
+        str(table),
+        problem="unusable",
+        first_key="path",
+    )
 
-    extra = [c for c in rows.columns if c not in IMAGES_COLUMNS]
+
+def _images_table(rows: pd.DataFrame, ids: list[str], resolved: list[str]) -> pd.DataFrame:
+    """``image_id, group, path, labels`` (absolute paths, normalised labels), then the extra columns."""
     out = pd.DataFrame(
         {
             "image_id": ids,
@@ -90,11 +105,8 @@ def prepare_folder(
             "labels": [";".join(split_labels(s)) for s in rows["labels"]],
         }
     )
-    for col in extra:
+    for col in (c for c in rows.columns if c not in IMAGES_COLUMNS):
         out[col] = rows[col].to_numpy()
-    keep = [r is None for r in reasons]
-    out = out[keep].reset_index(drop=True)
-    write_tsv(out, out_dir / "images.tsv")
     return out
 
 
@@ -129,11 +141,6 @@ def _check_all(rows: pd.DataFrame, resolved: list[str], workers: int) -> list[st
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(one, range(len(rows))))
     return [one(i) for i in range(len(rows))]
-
-
-def _resolve(cell: str, root: Path) -> str:
-    p = Path(cell.strip()).expanduser()
-    return str(p if p.is_absolute() else root / p)
 
 
 def _image_ids(rows: pd.DataFrame, table: Path) -> list[str]:

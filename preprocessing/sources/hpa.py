@@ -32,7 +32,7 @@ import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, FetchItem
 from preprocessing.errors import InputError
-from preprocessing.io import write_json, write_tsv
+from preprocessing.io import check_fraction, write_json, write_tsv
 from preprocessing.sources.common import finish_downloads
 
 __all__ = [
@@ -79,26 +79,22 @@ class HpaOptions:
     channels: str | tuple[str, ...] = COMPOSITE  # "blue_red_green" or a tuple of CHANNELS (one file each)
     max_genes: int | None = None
     genes: tuple[str, ...] = ()  # only these ENSG ids (empty: all that pass the filters)
-    max_bad_fraction: float = 0.05
     location_paths: tuple[str, ...] = field(
         default=("download/tsv/subcellular_location.tsv.zip", "download/subcellular_location.tsv.zip")
     )
 
-    def channel_list(self) -> tuple[str, ...]:
-        """``("blue_red_green",)`` for the composite, else the per-channel colours (validated)."""
+    def __post_init__(self) -> None:
         if isinstance(self.channels, str):
             if self.channels != COMPOSITE:
                 raise InputError(f"hpa channels must be {COMPOSITE!r} or a tuple of {CHANNELS}")
-            return (COMPOSITE,)
+            return
         bad = [c for c in self.channels if c not in CHANNELS]
         if bad or not self.channels:
             raise InputError(f"hpa channels must be {COMPOSITE!r} or a tuple of {CHANNELS}, got {bad}")
-        return tuple(self.channels)
 
-    def validate(self) -> None:
-        self.channel_list()
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise InputError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+    def channel_list(self) -> tuple[str, ...]:
+        """``("blue_red_green",)`` for the composite, else the per-channel colours."""
+        return (COMPOSITE,) if isinstance(self.channels, str) else tuple(self.channels)
 
 
 @dataclass(frozen=True)
@@ -317,22 +313,31 @@ def _gene_images(
 
 
 def acquire(
-    out_dir: Path, options: HpaOptions, downloader: Downloader | None = None, limit: int | None = None
+    out_dir: Path,
+    options: HpaOptions,
+    downloader: Downloader | None = None,
+    limit: int | None = None,
+    max_bad_fraction: float = 0.05,
+    retries: int = 5,
 ) -> pd.DataFrame:
     """Download HPA IF images for well-localised genes and write ``<out_dir>/images.tsv``; return it.
 
     ``limit`` (and ``options.max_genes``) keep the first genes of the location table. Composite images
     get the ``path``/``url`` columns; per-channel downloads add ``path_<c>``/``url_<c>`` per colour and
     ``path``/``url`` are those of the first colour. Genes whose XML fails are listed in
-    ``<out_dir>/rejected_genes.tsv``; failed images in ``<out_dir>/rejected.tsv``. Options and the
-    release note are recorded in ``<out_dir>/source.json``.
+    ``<out_dir>/rejected_genes.tsv``; failed images in ``<out_dir>/rejected.tsv``: if more than
+    ``max_bad_fraction`` of them (or all) fail, :class:`DownloadError` is raised and ``images.tsv`` is not
+    written. Options and the release note are recorded in ``<out_dir>/source.json``.
+    ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
-    options.validate()
+    check_fraction(max_bad_fraction)
     channels = options.channel_list()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if downloader is None:
-        downloader = Downloader(DownloadPolicy(concurrency=4), manifest=out_dir / "manifest.tsv")
+        downloader = Downloader(
+            DownloadPolicy(concurrency=4, retries=retries), manifest=out_dir / "manifest.tsv"
+        )
     base = options.base_url.rstrip("/")
     data, loc_url = fetch_location_table(
         downloader, base, options.location_paths, out_dir / "raw" / "subcellular_location.tsv.zip"
@@ -354,8 +359,9 @@ def acquire(
     table, items, rows = _image_table(
         images, genes.set_index("gene"), channels, options.image_base_url, out_dir
     )
-    table = finish_downloads(table, items, rows, out_dir, downloader, options.max_bad_fraction, loc_url)
-    write_json({**asdict(options), "location_url": loc_url}, out_dir / "source.json")
+    table = finish_downloads(table, items, rows, out_dir, downloader, max_bad_fraction, loc_url)
+    record = {**asdict(options), "location_url": loc_url, "max_bad_fraction": max_bad_fraction}
+    write_json(record, out_dir / "source.json")
     write_tsv(table, out_dir / "images.tsv")
     return table
 

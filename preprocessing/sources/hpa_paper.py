@@ -28,7 +28,7 @@ import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, safe_extract_zip, sniff
 from preprocessing.errors import InputError
-from preprocessing.io import write_tsv
+from preprocessing.io import check_fraction, check_rejected, write_tsv
 from preprocessing.sources import hpa
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGES_TSV_COLUMNS: tuple[str, ...] = ("image_id", "group", "path", "labels", "source_field")
+REJECTED_COLUMNS: tuple[str, ...] = ("blob", "url", "reason")
 PATCH_RE = re.compile(r"^(?P<field>(?P<stem>.+?)_blue_red_green\.jpg)_(?P<k>\d+)\.jpg$", re.IGNORECASE)
 GENE_DIR_RE = re.compile(r"^ENSG\d+$")
 
@@ -67,6 +68,13 @@ class HpaPaperOptions:
     reliability: tuple[str, ...] = ("Enhanced", "Validated", "Supported", "Approved")
     label_names: tuple[str, ...] = ()  # class names when the labels table holds integer indices
     x_ms_version: str = "2020-10-02"
+
+    def __post_init__(self) -> None:
+        unsafe = [b for b in self.blobs if _unsafe_name(b)]
+        if unsafe:
+            raise InputError(f"hpa_paper blobs must be safe relative names, got {unsafe[0]!r}")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise InputError(f"hpa_paper label_names must be distinct, got {list(self.label_names)}")
 
 
 @dataclass(frozen=True)
@@ -136,17 +144,21 @@ def list_blobs(downloader: Downloader, container_url: str, x_ms_version: str) ->
 
 def check_blob_name(name: str, container_url: str = "") -> str:
     """Return ``name`` if it is a safe relative path; :class:`DownloadError` if it could escape a folder."""
+    if _unsafe_name(name):
+        raise DownloadError(f"{container_url}: unsafe blob name {name!r}")
+    return name
+
+
+def _unsafe_name(name: str) -> bool:
+    """Whether a blob name is empty, absolute, a drive path, or holds ``.``/``..``/empty parts or a NUL."""
     parts = name.replace("\\", "/").split("/")
-    bad = (
+    return (
         not name.strip()
         or name.startswith(("/", "\\"))
         or re.match(r"^[A-Za-z]:", name) is not None
         or "\x00" in name
         or any(p in ("", ".", "..") for p in parts)
     )
-    if bad:
-        raise DownloadError(f"{container_url}: unsafe blob name {name!r}")
-    return name
 
 
 def blob_url(container_url: str, name: str) -> str:
@@ -254,32 +266,41 @@ def _select(listing: list[BlobInfo], wanted: tuple[str, ...], container_url: str
 
 
 def acquire(
-    out_dir: Path, options: HpaPaperOptions, downloader: Downloader | None = None, limit: int | None = None
+    out_dir: Path,
+    options: HpaPaperOptions,
+    downloader: Downloader | None = None,
+    limit: int | None = None,
+    max_bad_fraction: float = 0.05,
+    retries: int = 5,
 ) -> pd.DataFrame:
     """Download and unpack the authors' patch archives and write ``<out_dir>/images.tsv``; return it.
 
     Archives go to ``<out_dir>/raw/blobs/<name>`` (size and Content-MD5 checked; resumed if interrupted)
-    and are unpacked once into ``<out_dir>/data``. Genes without a label are left out (logged). ``limit``
-    keeps the first ``limit`` genes of the table; the archives are still downloaded whole.
+    and are unpacked once into ``<out_dir>/data``. Here the unit that can fail is an archive, not an image:
+    archives that fail to download are listed in ``<out_dir>/rejected.tsv`` (``blob, url, reason``) and
+    left out; if more than ``max_bad_fraction`` of them (or all) fail, :class:`DownloadError` is raised
+    (the patches themselves are decoded, and unreadable ones rejected, by the crop stage). Genes without
+    a label are left out (logged). ``limit`` keeps the first ``limit`` genes of the table; the archives
+    are still downloaded whole.
+    ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
+    check_fraction(max_bad_fraction)
     if options.labels_table is None:
         raise InputError("hpa_paper: labels_table (a Gene,label table) is required")
     labels = read_labels_table(Path(options.labels_table), options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if downloader is None:
-        downloader = Downloader(DownloadPolicy(concurrency=4), manifest=out_dir / "manifest.tsv")
-    headers = {"x-ms-version": options.x_ms_version}
+        downloader = Downloader(
+            DownloadPolicy(concurrency=4, retries=retries), manifest=out_dir / "manifest.tsv"
+        )
     chosen = _select(
         list_blobs(downloader, options.container_url, options.x_ms_version),
         options.blobs,
         options.container_url,
     )
     data_dir = out_dir / "data"
-    for blob in chosen:
-        archive = out_dir / "raw" / "blobs" / blob.name
-        url = blob_url(options.container_url, blob.name)
-        downloader.fetch(url, archive, expect="zip", size=blob.size, md5_b64=blob.md5_b64, headers=headers)
+    for archive, url in _fetch_archives(chosen, options, out_dir, downloader, max_bad_fraction):
         done = archive.with_name(archive.name + ".extracted")
         if not done.is_file() or done.stat().st_mtime < archive.stat().st_mtime:
             safe_extract_zip(archive, data_dir)
@@ -302,3 +323,38 @@ def acquire(
     table = table.reset_index(drop=True)
     write_tsv(table, out_dir / "images.tsv")
     return table
+
+
+def _fetch_archives(
+    chosen: list[BlobInfo],
+    options: HpaPaperOptions,
+    out_dir: Path,
+    downloader: Downloader,
+    max_bad_fraction: float,
+) -> list[tuple[Path, str]]:
+    """Download the chosen blobs; ``(archive path, URL)`` of each that arrived, failures checked and listed
+    in ``<out_dir>/rejected.tsv``."""
+    headers = {"x-ms-version": options.x_ms_version}
+    fetched, failed = [], []
+    for blob in chosen:
+        archive = out_dir / "raw" / "blobs" / blob.name
+        url = blob_url(options.container_url, blob.name)
+        try:
+            downloader.fetch(
+                url, archive, expect="zip", size=blob.size, md5_b64=blob.md5_b64, headers=headers
+            )
+        except DownloadError as err:
+            failed.append((blob.name, url, str(err).splitlines()[0] if str(err) else type(err).__name__))
+            continue
+        fetched.append((archive, url))
+    rejected = pd.DataFrame(failed, columns=list(REJECTED_COLUMNS), dtype=str)
+    check_rejected(
+        rejected,
+        len(chosen),
+        out_dir / "rejected.tsv",
+        max_bad_fraction,
+        options.container_url,
+        DownloadError,
+        items="archives",
+    )
+    return fetched

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from preprocessing.errors import InputError
 from preprocessing.io import atomic_path, write_tsv
 
 LOCATIONS: tuple[str, ...] = (
@@ -69,24 +70,24 @@ class SynthParams:
     label_skew: float = 1.0  # class imbalance: 1 = HPA-like (Nucleoplasm ~5x Golgi), 0 = uniform
     seed: int = 0
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first inconsistent parameter."""
+    def __post_init__(self) -> None:
+        """Raise :class:`InputError` naming the first inconsistent parameter."""
         if self.proteins < 1:
-            raise ValueError(f"proteins must be >= 1, got {self.proteins}")
+            raise InputError(f"proteins must be >= 1, got {self.proteins}")
         if not 1 <= self.fields_min <= self.fields_max:
-            raise ValueError(f"need 1 <= fields_min <= fields_max, got {self.fields_min}, {self.fields_max}")
+            raise InputError(f"need 1 <= fields_min <= fields_max, got {self.fields_min}, {self.fields_max}")
         if not 1 <= self.cells_min <= self.cells_max:
-            raise ValueError(f"need 1 <= cells_min <= cells_max, got {self.cells_min}, {self.cells_max}")
+            raise InputError(f"need 1 <= cells_min <= cells_max, got {self.cells_min}, {self.cells_max}")
         if self.cell_size < 16:
-            raise ValueError(f"cell_size must be >= 16, got {self.cell_size}")
+            raise InputError(f"cell_size must be >= 16, got {self.cell_size}")
         if self.field_size < 2 * self.cell_size:
-            raise ValueError(f"field_size ({self.field_size}) must be >= 2 * cell_size ({self.cell_size})")
+            raise InputError(f"field_size ({self.field_size}) must be >= 2 * cell_size ({self.cell_size})")
         if not 0.0 <= self.poor_fraction <= 1.0:
-            raise ValueError(f"poor_fraction must be in [0, 1], got {self.poor_fraction}")
+            raise InputError(f"poor_fraction must be in [0, 1], got {self.poor_fraction}")
         if self.label_skew < 0:
-            raise ValueError(f"label_skew must be >= 0, got {self.label_skew}")
+            raise InputError(f"label_skew must be >= 0, got {self.label_skew}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise InputError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,6 @@ def generate(out_dir: str | Path, params: SynthParams, workers: int = 1) -> pd.D
     torch), so a calling script needs the usual ``if __name__ == "__main__":`` guard. Files of an earlier
     run with other parameters are not removed.
     """
-    params.validate()
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     specs = _plan(params)

@@ -40,7 +40,8 @@ checkpoint download:
         source=lambda w: ds_config(w.ds)["source"],
         options=lambda w: cli_options(
             {
-                **{k: ds_config(w.ds).get(k) for k in ("table", "image_root", "max_bad_fraction")},
+                **{k: ds_config(w.ds).get(k) for k in ("table", "image_root")},
+                "max_bad_fraction": max_bad_fraction(w.ds),
                 "options": ds_config(w.ds).get("download"),
             }
         ),

@@ -61,17 +61,28 @@ def cli_options(values, explicit_none=False):
     return " ".join(parts)
 
 
-# Sources whose images are the instances: no selective search, each image resized (cells: config's crop).
+# The one place that holds per-source crop defaults (config files do not repeat them): sources whose images
+# are the instances get no selective search, each image is resized; other sources cut cells with the crop
+# stage's defaults (preprocessing.crop.CropParams). A dataset's `crop:` keys override these.
 SOURCE_CROP_DEFAULTS = {
-    "hpa_paper": {"instances": "whole"},  # the authors' 512x512 patches, already cropped
+    "hpa_paper": {"instances": "whole"},  # the authors' 512x512 patches, already cropped (patch_size 512)
     "bdgp": {"instances": "whole", "whole_size": [180, 320]},  # whole embryos at the paper's 180x320
 }
+
+# Fraction of a dataset's images that may fail (download or decode) and be skipped, for the acquire and
+# the crop stage alike; a dataset sets its own with `max_bad_fraction`.
+MAX_BAD_FRACTION = 0.05
 
 
 def crop_options(ds):
     """The crop stage's options of a dataset: its source's defaults, then its `crop` config."""
     cfg = ds_config(ds)
     return {**SOURCE_CROP_DEFAULTS.get(cfg["source"], {}), **cfg.get("crop", {})}
+
+
+def max_bad_fraction(ds):
+    """The dataset's `max_bad_fraction`, else MAX_BAD_FRACTION."""
+    return float(ds_config(ds).get("max_bad_fraction", MAX_BAD_FRACTION))
 
 
 def shards(ds):

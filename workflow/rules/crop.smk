@@ -17,7 +17,7 @@ rule crop_shard:
         boxes=lambda w: (
             f"--boxes data/raw/{w.ds}/boxes.tsv" if ds_config(w.ds)["source"] == "synthetic" else ""
         ),
-        max_bad=config.get("max_bad_fraction", 0.05),
+        max_bad=lambda w: max_bad_fraction(w.ds),
         options=lambda w: cli_options(crop_options(w.ds)),
     threads: 2
     conda:

@@ -29,13 +29,15 @@ rule evaluate_model:
         split=config.get("evaluate", {}).get("split", "test"),
         threshold=config.get("evaluate", {}).get("threshold", 0.5),
         tune_split=config.get("evaluate", {}).get("tune_split", "val"),
+    threads: 2
     conda:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/evaluate_{model}_seed{seed}.log",
     shell:
         "hamil evaluate --checkpoint {input.checkpoint} --store {input.store} --out-dir {params.out_dir}"
-        " --split {params.split} --threshold {params.threshold} --tune-split {params.tune_split} > {log} 2>&1"
+        " --split {params.split} --threshold {params.threshold} --tune-split {params.tune_split}"
+        " --threads {threads} > {log} 2>&1"
 
 
 rule figures_run:

@@ -1,0 +1,436 @@
+"""The pipeline's stages as data: for each ``hamil <stage>``, a help line, its parameter dataclasses and the
+function that runs it with them.
+
+Every field of a parameter dataclass is one command-line option (``--field-name``), with its help text from
+the field's ``metadata["help"]`` and its default from the field itself; :mod:`hamil.cli` builds the parser
+from :data:`STAGES` alone. The algorithm parameters that a stage records (``SynthParams``, ``CropParams``,
+``BagParams``, ``TrainConfig``) are defined with the code that uses them; the job dataclasses here add the
+paths, worker counts and devices of one invocation. Each class checks its values in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from hamil.config import TrainConfig
+from preprocessing.bags import BagParams
+from preprocessing.crop import CropParams
+from preprocessing.errors import InputError
+from preprocessing.sources.synthetic import SynthParams
+
+log = logging.getLogger("hamil")
+
+SPLITS = ("train", "val", "test")
+#: ``hamil download`` sources that fetch from a host: module and options class (a JSON ``--options``).
+DOWNLOAD_SOURCES: dict[str, tuple[str, str]] = {
+    "hpa": ("preprocessing.sources.hpa", "HpaOptions"),
+    "hpa_paper": ("preprocessing.sources.hpa_paper", "HpaPaperOptions"),
+    "bdgp": ("preprocessing.sources.bdgp", "BdgpOptions"),
+}
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any:  # noqa: A002
+    """A dataclass field that is a command-line option: its default (none: required) and help text.
+
+    ``extra`` goes to the metadata: ``choices`` (allowed values), ``positional`` (an argument, not an option).
+    """
+    metadata = {"help": help, **extra}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check(checks: dict[str, bool], values: Any) -> None:
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise InputError("invalid option(s): " + ", ".join(f"{n}={getattr(values, n)!r}" for n in bad))
+
+
+# ---- acquire, crop, bags ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthJob:
+    out: str = opt(help="output folder (images.tsv, boxes.tsv, images/)")
+    workers: int = opt(1, "parallel processes rendering fields")
+
+    def __post_init__(self) -> None:
+        _check({"workers": self.workers >= 1}, self)
+
+
+@dataclass
+class DownloadJob:
+    source: str = opt(
+        help="where the images come from", choices=(*DOWNLOAD_SOURCES, "folder"), positional=True
+    )
+    out: str = opt(help="output folder (images.tsv is written there)")
+    max_bad_fraction: float = opt(
+        0.05, "images that may fail (fraction) before the stage fails; they are listed in rejected.tsv"
+    )
+    table: str | None = opt(None, "folder: TSV with path, group, labels (labels may be empty: negatives)")
+    image_root: str | None = opt(None, "folder: base of relative paths (default: the table's folder)")
+    limit: int | None = opt(None, "hpa, hpa_paper, bdgp: only the first N groups (a quick try)")
+    options: str = opt("{}", "hpa, hpa_paper, bdgp: the source's options as a JSON object")
+    retries: int = opt(5, "hpa, hpa_paper, bdgp: attempts after the first for transient failures (back-off)")
+    workers: int = opt(1, "parallel processes checking images (folder)")
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "max_bad_fraction": 0 <= self.max_bad_fraction <= 1,
+                "workers": self.workers >= 1,
+                "retries": self.retries >= 0,
+            },
+            self,
+        )
+        if self.source == "folder" and not self.table:
+            raise InputError("hamil download folder: --table (path, group, labels) is required")
+
+
+@dataclass
+class CropJob:
+    images: str = opt(help="images.tsv of the acquire stage")
+    out_zarr: str = opt(help="the shard's patch store (<shard>.zarr)")
+    out_tsv: str = opt(help="the shard's patch table (<shard>.tsv)")
+    shard: int = opt(0, "which shard of images.tsv to crop (0-based)")
+    num_shards: int = opt(1, "into how many shards images.tsv is cut")
+    boxes: str | None = opt(None, "true cell boxes (boxes.tsv) to report crop recall")
+    max_bad_fraction: float = opt(0.05, "unreadable images (fraction) allowed before the stage fails")
+    workers: int = opt(1, "parallel processes")
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "shard": 0 <= self.shard < max(self.num_shards, 1),
+                "num_shards": self.num_shards >= 1,
+                "max_bad_fraction": 0 <= self.max_bad_fraction <= 1,
+                "workers": self.workers >= 1,
+            },
+            self,
+        )
+
+
+@dataclass
+class BagsJob:
+    tables: list[str] = opt(help="shard tables (<shard>.tsv)")
+    stores: list[str] = opt(help="shard stores (<shard>.zarr), in the order of --tables")
+    out_store: str = opt(help="the bag store to write (<ds>.zarr)")
+    out_table: str = opt(help="one row per bag (bags.tsv)")
+    source: str = opt("unknown", "the data source's name, recorded in the store")
+    workers: int = opt(1, "parallel chunk copies")
+
+    def __post_init__(self) -> None:
+        if len(self.tables) != len(self.stores):
+            raise InputError(f"--tables has {len(self.tables)} entries, --stores {len(self.stores)}")
+
+
+def run_synth(job: SynthJob, params: SynthParams) -> None:
+    from preprocessing.sources.synthetic import generate
+
+    table = generate(job.out, params, workers=job.workers)
+    log.info("wrote %d fields of %d proteins to %s", len(table), table["group"].nunique(), job.out)
+
+
+def run_download(job: DownloadJob) -> None:
+    out = Path(job.out)
+    if job.source == "folder":
+        from preprocessing.sources.folder import prepare_folder
+
+        table = prepare_folder(
+            job.table,
+            out,
+            image_root=job.image_root,
+            max_bad_fraction=job.max_bad_fraction,
+            workers=job.workers,
+        )
+    else:
+        module_name, options_name = DOWNLOAD_SOURCES[job.source]
+        module = importlib.import_module(module_name)
+        options = options_from_json(getattr(module, options_name), job.options)
+        table = module.acquire(
+            out, options, limit=job.limit, max_bad_fraction=job.max_bad_fraction, retries=job.retries
+        )
+    log.info(
+        "%s: %d images of %d groups -> %s/images.tsv", job.source, len(table), table["group"].nunique(), out
+    )
+
+
+def options_from_json(cls: type, text: str) -> Any:
+    """A source's options dataclass from a JSON object; unknown keys are named; lists become tuples."""
+    try:
+        values = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise InputError(f"--options is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise InputError("--options must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(
+            f"unknown {cls.__name__} option(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+        elif isinstance(value, str) and Path in typing.get_args(hints[key]):
+            values[key] = Path(value)
+    return cls(**values)
+
+
+def run_crop(job: CropJob, params: CropParams) -> None:
+    from preprocessing.crop import crop_shard
+
+    stats = crop_shard(
+        Path(job.images),
+        job.shard,
+        job.num_shards,
+        Path(job.out_zarr),
+        Path(job.out_tsv),
+        params,
+        workers=job.workers,
+        boxes_tsv=Path(job.boxes) if job.boxes else None,
+        max_bad_fraction=job.max_bad_fraction,
+    )
+    log.info("crop shard %d/%d: %s", job.shard, job.num_shards, stats)
+
+
+def run_bags(job: BagsJob, params: BagParams) -> None:
+    from preprocessing.bags import build_bags
+
+    stats = build_bags(
+        job.tables, job.stores, job.out_store, job.out_table, params, source=job.source, workers=job.workers
+    )
+    log.info("bags: %s", stats)
+
+
+# ---- train, evaluate, figures, compare, predict, mil-bench -----------------------------------------------
+
+
+@dataclass
+class TrainJob:
+    resume: bool = opt(
+        False, "continue from <out-dir>/last.pt when it exists (same configuration; exact on CPU)"
+    )
+
+
+@dataclass
+class EvaluateParams:
+    checkpoint: str = opt(help="a trained checkpoint (best.pt)")
+    store: str = opt(help="the bag store it was trained on")
+    out_dir: str = opt(help="output folder (metrics.json, predictions.tsv, per_class.tsv)")
+    split: str = opt("test", "the split to evaluate", choices=SPLITS)
+    threshold: float = opt(0.5, "fixed decision threshold for every class (the paper's 0.5)")
+    tune_split: str | None = opt(
+        "val", "also report per-class thresholds tuned for F1 on this split (none: off)"
+    )
+    batch_bags: int = opt(8, "whole bags per forward pass")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    threads: int | None = opt(None, "torch CPU threads (default: all cores)")
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "tune_split": self.tune_split in (None, "train", "val"),
+                "threshold": 0 <= self.threshold <= 1,
+                "batch_bags": self.batch_bags >= 1,
+                "threads": self.threads is None or self.threads >= 1,
+            },
+            self,
+        )
+
+
+@dataclass
+class FigureParams:
+    run_dir: str = opt(help="a training run's folder, results/<ds>/<model>/seed<k>")
+    title: str = opt("", "figure title prefix (default: the run folder)")
+    store: str | None = opt(None, "the bag store: adds the tSNE and instance-score figures")
+    split: str = opt("test", "the split the model is applied to", choices=SPLITS)
+    compare_run: list[str] = opt([], "other runs whose instance scores are shown beside")
+    bags: int = opt(4, "bags (rows) in the instance-score figure")
+    instances: int = opt(8, "instances shown per bag at most")
+    seed: int = opt(0, "seed of the tSNE and of the choice of bags")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    batch_bags: int = opt(8, "whole bags per forward pass")
+    threads: int | None = opt(None, "torch CPU threads (default: all cores)")
+
+    def __post_init__(self) -> None:
+        _check(
+            {"bags": self.bags >= 1, "instances": self.instances >= 1, "batch_bags": self.batch_bags >= 1},
+            self,
+        )
+
+
+@dataclass
+class CompareParams:
+    metrics: list[str] = opt(help="metrics.json files of all runs")
+    out_tsv: str = opt(help="the comparison table (TSV)")
+    out_md: str = opt(help="the comparison table (Markdown)")
+    title: str = opt("", "title of the Markdown table")
+    reference: str | None = opt(
+        None, "TSV of reference results (model, macro_auc, macro_f1, micro_f1, source)"
+    )
+
+
+@dataclass
+class PredictParams:
+    checkpoint: str = opt(help="a trained checkpoint (best.pt)")
+    inputs: str = opt(
+        help="a folder with one sub-folder of images per bag, or a TSV with columns bag and path"
+    )
+    out: str = opt(help="output folder (predictions.tsv, skipped.tsv, instances.tsv)")
+    threshold: float = opt(0.5, "one threshold for every class")
+    thresholds: str | None = opt(None, "per_class.tsv of hamil evaluate: use its tuned thresholds")
+    instance_scores: bool = opt(False, "also write instances.tsv (box and score per instance)")
+    batch_bags: int = opt(8, "whole bags per forward pass")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+@dataclass
+class MilBenchParams:
+    input: str = opt(
+        help="one instance per row: CSV label,bag,f1,... (no header; labels 0/1 or -1/1), "
+        "or a TSV/CSV with a header naming bag and label (other columns: features)"
+    )
+    out_dir: str = opt(help="output folder (summary.tsv, summary.md, folds.tsv)")
+    models: list[str] = opt(
+        ["hamil", "hamil_a", "attention", "gated_attention", "mean", "max"],
+        "aggregators from the model registry (default: the six of Table S3)",
+    )
+    folds: int = opt(10, "cross-validation folds")
+    repeats: int = opt(5, "cross-validation repeats with fold seeds seed+r")
+    epochs: int = opt(100, "training epochs per fold")
+    lr: float = opt(1e-4, "SGD learning rate (paper: 1e-4)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.005, "SGD weight decay")
+    dropout: float = opt(0.2, "after each fc layer of the instance network")
+    batch_bags: int = opt(1, "bags per SGD step (paper: 1)")
+    seed: int = opt(0, "seed of folds and initialisation")
+    threads: int | None = opt(None, "torch.set_num_threads (default: leave torch's choice)")
+    model_options: str = opt("{}", 'aggregator options as JSON, e.g. {"hamil": {"kernel_size": 3}}')
+
+
+def run_train(cfg: TrainConfig, job: TrainJob) -> None:
+    from hamil.train import train
+
+    log.info("best validation: %s", train(cfg, resume=job.resume))
+
+
+def run_evaluate(p: EvaluateParams) -> None:
+    from hamil.evaluate import evaluate
+    from hamil.runtime import set_threads
+
+    set_threads(p.threads)
+    metrics = evaluate(
+        p.checkpoint,
+        p.store,
+        p.out_dir,
+        split=p.split,
+        device=p.device,
+        batch_bags=p.batch_bags,
+        threshold=p.threshold,
+        tune_split=p.tune_split,
+    )
+    log.info(
+        "%s: macro AUC %s, macro F1 %.4f, micro F1 %.4f",
+        p.checkpoint,
+        metrics["macro_auc"],
+        metrics["macro_f1"],
+        metrics["micro_f1"],
+    )
+
+
+def run_figures(p: FigureParams) -> None:
+    from hamil.figures import draw_run_figures
+    from hamil.runtime import set_threads
+
+    set_threads(p.threads)
+    written = draw_run_figures(
+        p.run_dir,
+        p.store,
+        split=p.split,
+        compare_runs=p.compare_run,
+        bags_shown=p.bags,
+        instances_shown=p.instances,
+        seed=p.seed,
+        title=p.title or str(p.run_dir),
+        device=p.device,
+        batch_bags=p.batch_bags,
+    )
+    log.info("figures: %s", ", ".join(str(path) for path in written))
+
+
+def run_compare(p: CompareParams) -> None:
+    from hamil.compare import compare
+
+    print(compare(p.metrics, p.out_tsv, p.out_md, title=p.title, reference=p.reference))
+
+
+def run_predict(p: PredictParams) -> None:
+    from hamil.predict import predict_images
+
+    out = predict_images(
+        p.checkpoint,
+        p.inputs,
+        p.out,
+        threshold=p.threshold,
+        thresholds=p.thresholds,
+        instance_scores=p.instance_scores,
+        device=p.device,
+        batch_bags=p.batch_bags,
+    )
+    log.info("predict: outputs in %s", out)
+
+
+def run_mil_bench(p: MilBenchParams) -> None:
+    from hamil import mil_bench
+
+    try:
+        options = json.loads(p.model_options)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--model-options is not valid JSON ({err})") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise InputError(
+            '--model-options must be a JSON object of objects, e.g. {"hamil": {"kernel_size": 3}}'
+        )
+    cv = {k: getattr(p, k) for k in ("folds", "repeats", "epochs", "lr", "momentum", "weight_decay")}
+    cv |= {"dropout": p.dropout, "batch_bags": p.batch_bags, "seed": p.seed, "threads": p.threads}
+    summary = mil_bench.run_mil_bench(p.input, p.out_dir, p.models, options=options, **cv)
+    print((Path(p.out_dir) / "summary.md").read_text(), end="")
+    log.info("mil-bench: %d models; tables in %s", len(summary), p.out_dir)
+
+
+class Stage(NamedTuple):
+    """One ``hamil <stage>``: its help line, its parameter dataclasses, and the function taking them."""
+
+    help: str
+    params: tuple[type, ...]
+    run: Callable[..., None]
+
+
+STAGES: dict[str, Stage] = {
+    "synth": Stage("generate a synthetic HPA-like data set", (SynthJob, SynthParams), run_synth),
+    "download": Stage(
+        "acquire a data source (hpa, hpa_paper, bdgp, or your own folder)", (DownloadJob,), run_download
+    ),
+    "crop": Stage("cut cell patches from one shard of images.tsv", (CropJob, CropParams), run_crop),
+    "bags": Stage("build the bag store from all patch shards", (BagsJob, BagParams), run_bags),
+    "train": Stage("train one model with one seed", (TrainConfig, TrainJob), run_train),
+    "evaluate": Stage("evaluate a checkpoint on a split", (EvaluateParams,), run_evaluate),
+    "figures": Stage("draw the figures of a training run (PNG and SVG)", (FigureParams,), run_figures),
+    "compare": Stage("gather metrics of all models and seeds into one table", (CompareParams,), run_compare),
+    "predict": Stage("predict labels for your own bags of images", (PredictParams,), run_predict),
+    "mil-bench": Stage(
+        "classical MIL benchmarks (MUSK, Fox, ...): repeated cross-validation",
+        (MilBenchParams,),
+        run_mil_bench,
+    ),
+}
