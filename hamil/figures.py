@@ -42,8 +42,6 @@ def draw_run_figures(
     models' instance scores beside this run's (e.g. RAMIL's run beside HAMIL's). Models run on whole bags,
     ``batch_bags`` at a time.
     """
-    if bags_shown < 1 or instances_shown < 1 or batch_bags < 1:
-        raise InputError("--bags, --instances and --batch-bags must be at least 1")
     run = Path(run_dir)
     seen = [run.resolve()]
     for other in compare_runs or []:

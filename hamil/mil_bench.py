@@ -386,11 +386,7 @@ def cross_validate(
     ``torch.set_num_threads``. Returns one row per (model, repeat, fold): ``model, repeat, fold, accuracy,
     train_loss, seconds, train_bags, test_bags``. ``on_fold`` is called with each row as it is done.
     """
-    check_models(models)
-    if epochs < 1 or batch_bags < 1 or repeats < 1:
-        raise InputError(f"need epochs, batch_bags, repeats >= 1, got {epochs}, {batch_bags}, {repeats}")
-    if lr <= 0:
-        raise InputError(f"learning rate must be positive, got {lr}")
+    check_models(models)  # the numbers are checked by hamil.stages.MilBenchParams
     opts = model_options(models, options)
     for model in models:  # bad options fail here, before any training
         MILNet(bags.features.shape[1], model, dropout=dropout, **opts[model])

@@ -301,10 +301,6 @@ def predict_images(
     cell found) are left out of ``predictions.tsv`` and listed in ``skipped.tsv``.
     """
     out = Path(out_dir)
-    if batch_bags < 1:
-        raise InputError(f"batch_bags must be >= 1; got {batch_bags}")
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be in [0, 1]; got {threshold}")
     ckpt = load_checkpoint(checkpoint)
     class_names = list(ckpt["class_names"])
     cut = thresholds_for(class_names, threshold, thresholds)

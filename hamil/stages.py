@@ -293,6 +293,9 @@ class PredictParams:
     batch_bags: int = opt(8, "whole bags per forward pass")
     device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
+    def __post_init__(self) -> None:
+        _check({"threshold": 0 <= self.threshold <= 1, "batch_bags": self.batch_bags >= 1}, self)
+
 
 @dataclass
 class MilBenchParams:
@@ -316,6 +319,19 @@ class MilBenchParams:
     seed: int = opt(0, "seed of folds and initialisation")
     threads: int | None = opt(None, "torch.set_num_threads (default: leave torch's choice)")
     model_options: str = opt("{}", 'aggregator options as JSON, e.g. {"hamil": {"kernel_size": 3}}')
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "folds": self.folds >= 2,
+                "repeats": self.repeats >= 1,
+                "epochs": self.epochs >= 1,
+                "lr": self.lr > 0,
+                "batch_bags": self.batch_bags >= 1,
+                "dropout": 0 <= self.dropout < 1,
+            },
+            self,
+        )
 
 
 def run_train(cfg: TrainConfig, job: TrainJob) -> None:

@@ -77,3 +77,23 @@ def make_store(folder: Path, patch: int, groups: int = 24, seed: int = 0) -> Pat
 def small_store(tmp_path_factory) -> Path:
     """One store of 24 groups of 16x16 patches for every training test of the session (read-only)."""
     return make_store(tmp_path_factory.mktemp("small"), patch=16)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, small_store) -> tuple[Path, dict[str, Path]]:
+    """The session store and two runs trained and evaluated through the CLI: HAMIL and RAMIL (1 epoch).
+
+    Returns ``(store, {"hamil": run_dir, "ramil": run_dir})``; tests may add files to the run folders.
+    """
+    from hamil.cli import main
+
+    tmp = tmp_path_factory.mktemp("runs")
+    out = {}
+    for model in ("hamil", "ramil"):
+        run = tmp / model
+        common = ["--store", str(small_store), "--out-dir", str(run)]
+        train = ["train", *common, "--model", model, "--epochs", "1", "--threads", "1", "--batch-bags", "4"]
+        assert main(train) == 0
+        assert main(["evaluate", "--checkpoint", str(run / "best.pt"), *common]) == 0
+        out[model] = run
+    return small_store, out

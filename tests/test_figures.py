@@ -14,7 +14,6 @@ from hamil.data import BagDataset, make_loader
 from hamil.figures import _explain
 from hamil.inference import explain_batches
 from hamil.plots import embed_2d, first_labels, plot_tsne
-from preprocessing.bags import BagParams, build_bags
 from preprocessing.store import BagStore
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -22,35 +21,9 @@ FIGURES = ("curves", "roc", "tsne", "instance_scores")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A store and two trained runs (HAMIL and RAMIL), evaluated on the test split."""
-    from conftest import write_shard
-
-    tmp = tmp_path_factory.mktemp("fig")
-    rng = np.random.default_rng(3)
-    spec = {f"G{g:02d}": (int(rng.integers(2, 7)), ["A", "B", "A;C", "B;C"][g % 4]) for g in range(24)}
-    names = sorted(spec)
-    shards = [write_shard(tmp, str(k), {g: spec[g] for g in names[k::2]}, 32, seed=k) for k in (0, 1)]
-    store = tmp / "ds.zarr"
-    build_bags(
-        [s[0] for s in shards],
-        [s[1] for s in shards],
-        store,
-        tmp / "bags.tsv",
-        BagParams(split_ratio=(2, 1, 1)),
-        "t",
-    )
-    out = {}
-    for model in ("hamil", "ramil"):
-        run = tmp / model
-        common = ["--store", str(store), "--out-dir", str(run)]
-        assert (
-            main(["train", *common, "--model", model, "--epochs", "1", "--threads", "1", "--batch-bags", "4"])
-            == 0
-        )
-        assert main(["evaluate", "--checkpoint", str(run / "best.pt"), *common]) == 0
-        out[model] = run
-    return store, out
+def runs(trained_runs):
+    """The session's store and its HAMIL and RAMIL runs, evaluated on the test split."""
+    return trained_runs
 
 
 def _draw(store, run, other):

@@ -227,6 +227,27 @@ def test_bag_without_cells_is_skipped(trained: dict, user_bags: dict, tmp_path: 
     assert "bag dark: no instance found" in caplog.text
 
 
+def test_large_bag_warning_counts_instances_not_images(
+    trained: dict, user_bags: dict, tmp_path: Path, caplog
+) -> None:
+    """Training bags held at most 4 instances (max_bag_size 4). One field gives 3-4 cells, so a bag of two
+    fields has fewer images than that but more instances: it is the one to warn about."""
+    rows = user_bags["rows"]
+    folder = tmp_path / "in"
+    (folder / "big").mkdir(parents=True)
+    (folder / "small").mkdir()
+    sources = [user_bags["folder"] / p for p in rows["path"]]
+    for k, src in enumerate(sources[:2]):
+        shutil.copy(src, folder / "big" / f"{k}.png")
+    shutil.copy(sources[0], folder / "small" / "0.png")
+    with caplog.at_level(logging.WARNING):
+        table = _predict(tmp_path, trained["cells"]["checkpoint"], folder)
+    n = dict(zip(table["bag"], table["n_instances"], strict=True))
+    assert n["big"] > 4 >= n["small"]
+    assert "more instances than the training bags had (max_bag_size 4), e.g. big" in caplog.text
+    assert "small" not in caplog.text.split("e.g.")[-1]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

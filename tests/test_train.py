@@ -10,21 +10,12 @@ import torch
 
 from hamil.checkpoint import load_checkpoint
 from hamil.cli import main
-from preprocessing.bags import BagParams, build_bags
 
 
 @pytest.fixture
-def store(tmp_path, two_shards):
-    tables, stores, _ = two_shards
-    build_bags(
-        tables,
-        stores,
-        tmp_path / "ds.zarr",
-        tmp_path / "ds" / "bags.tsv",
-        BagParams(top_k=3, max_bag_size=6, split_ratio=(2, 1, 1)),
-        "test",
-    )
-    return tmp_path / "ds.zarr"
+def store(small_store):
+    """The session's tiny store (3 classes; read-only)."""
+    return small_store
 
 
 @pytest.mark.parametrize("model", ["hamil", "mean"])

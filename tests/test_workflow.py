@@ -73,9 +73,51 @@ def test_config_errors_name_the_key(tmp_path, edit, needle):
     assert needle in proc.stdout + proc.stderr
 
 
+def _screening_folder(root: Path) -> Path:
+    """A user's plate as a folder: 12 wells x 3 fields (PNG, and grey TIFF), wells 0, 3, 6, 9 are hits."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = root / "my_images"
+    images.mkdir()
+    rows = ["path\tgroup\tlabels"]
+    for well in range(12):
+        hit = well % 3 == 0
+        for field in range(3):
+            pixels = rng.integers(0, 60, (40, 56, 3), dtype=np.uint8)
+            if hit:
+                pixels[10:30, 15:40, 1] = 220  # a bright green blob marks a hit
+            name = f"w{well:02d}_f{field}.{'png' if field else 'tif'}"
+            Image.fromarray(pixels if field else pixels[:, :, 1]).save(images / name)
+            rows.append(f"{name}\twell{well:02d}\t{'hit' if hit else ''}")
+    (images / "plate.tsv").write_text("\n".join(rows) + "\n")
+    return images / "plate.tsv"
+
+
 @pytest.mark.slow
 def test_end_to_end_tiny(tmp_path):
-    snakemake(tmp_path, "--cores", "2", "--configfile", str(REPO / "config/tiny.yaml"))
+    """config/tiny.yaml (synthetic fields, cells cut) plus a user's own folder as a second data set: one
+    class, negative bags kept, whole images as instances, shards sized by fields through the checkpoint."""
+    config = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    config["datasets"]["screen"] = {
+        "source": "folder",
+        "table": str(_screening_folder(tmp_path)),
+        "fields_per_shard": 12,
+        "crop": {"instances": "whole", "whole_size": [32, 48]},
+        "bags": {"classes": ["hit"], "keep_unlabelled": True, "split_ratio": [2, 1, 1]},
+    }
+    configfile = tmp_path / "e2e.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(configfile))
+    # the user's folder: a binary screen with negatives, shards sized by fields (36 fields / 12 = 3 shards)
+    metrics = json.loads((tmp_path / "results/screen/mean/seed0/metrics.json").read_text())
+    assert {"macro_auc", "macro_f1", "micro_f1", "subset_accuracy"} <= set(metrics)
+    bags = pd.read_csv(tmp_path / "data/processed/screen/bags.tsv", sep="\t", keep_default_na=False)
+    assert len(bags) == 12 and (bags["labels"] == "").sum() == 8
+    shards = [
+        s for s in (tmp_path / "data/interim/screen/patches").glob("*.tsv") if ".rejected" not in s.name
+    ]
+    assert len(shards) == -(-36 // 12) > 1
     results = tmp_path / "results/tiny"
     table = pd.read_csv(results / "comparison.tsv", sep="\t")
     assert list(table["model"]) == ["hamil", "mean"]
@@ -92,29 +134,24 @@ def test_end_to_end_tiny(tmp_path):
     assert crop_stats["recall"] >= 0.8
     assert (tmp_path / "logs/tiny/train_hamil_seed0.log").is_file()
     # the browsable report: every figure and the comparison table, with captions
-    snakemake(tmp_path, "--report", "report.html", "--configfile", str(REPO / "config/tiny.yaml"))
+    snakemake(tmp_path, "--report", "report.html", "--configfile", str(configfile))
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert len(html) > 100_000
     for needle in ("tsne.png", "instance_scores.png", "roc.png", "curves.png", "comparison.tsv", "tSNE of"):
         assert needle in html, needle
     # nothing left to do; a single stage target and a forced rerun of one job rule are both accepted
-    assert (
-        "Nothing to be done"
-        in snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/tiny.yaml")).stdout
-    )
-    proc = snakemake(tmp_path, "-n", "-R", "train_model", "--configfile", str(REPO / "config/tiny.yaml"))
+    assert "Nothing to be done" in snakemake(tmp_path, "-n", "--configfile", str(configfile)).stdout
+    proc = snakemake(tmp_path, "-n", "-R", "train_model", "--configfile", str(configfile))
     assert "train_model" in proc.stdout and "evaluate_model" in proc.stdout
     assert "hamil train --store" in proc.stdout and "torchrun" not in proc.stdout
     # a training job given several GPUs is launched as one DDP process per GPU
     proc = snakemake(
         tmp_path,
         *("-n", "-p", "-R", "train_model", "--set-resources", "train_model:gpu=2", "--resources", "gpu=2"),
-        *("--configfile", str(REPO / "config/tiny.yaml")),
+        *("--configfile", str(configfile)),
     )
     assert "torchrun --standalone --nproc-per-node 2 -m hamil.cli train --store" in proc.stdout
-    proc = snakemake(
-        tmp_path, "bags", "-n", "-R", "bags_dataset", "--configfile", str(REPO / "config/tiny.yaml")
-    )
+    proc = snakemake(tmp_path, "bags", "-n", "-R", "bags_dataset", "--configfile", str(configfile))
     assert "bags_dataset" in proc.stdout and "train_model" not in proc.stdout
 
 
@@ -144,71 +181,12 @@ def test_schema_sections_match_the_parameter_dataclasses():
     assert schema["properties"]["models"]["items"]["enum"] == available()
 
 
-@pytest.mark.slow
-def test_own_folder_binary_screening(tmp_path):
-    """A user's folder, one class, negative bags kept, whole images as instances, through Snakemake."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    images = tmp_path / "my_images"
-    images.mkdir()
-    rows = ["path\tgroup\tlabels"]
-    for well in range(12):
-        hit = well % 3 == 0
-        for field in range(3):
-            pixels = rng.integers(0, 60, (40, 56, 3), dtype=np.uint8)
-            if hit:
-                pixels[10:30, 15:40, 1] = 220  # a bright green blob marks a hit
-            name = f"w{well:02d}_f{field}.{'png' if field else 'tif'}"
-            Image.fromarray(pixels if field else pixels[:, :, 1]).save(images / name)
-            rows.append(f"{name}\twell{well:02d}\t{'hit' if hit else ''}")
-    (images / "plate.tsv").write_text("\n".join(rows) + "\n")
-    config = {
-        "datasets": {
-            "screen": {
-                "source": "folder",
-                "table": str(images / "plate.tsv"),
-                "shards": 1,
-                "crop": {"instances": "whole", "whole_size": [32, 48]},
-                "bags": {"classes": ["hit"], "keep_unlabelled": True, "split_ratio": [2, 1, 1]},
-            }
-        },
-        "models": ["mean"],
-        "seeds": [0],
-        "train": {"epochs": 1, "batch_bags": 4, "lr": 1.0e-3},
-        "train_threads": 1,
-    }
-    path = tmp_path / "screen.yaml"
-    path.write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, "--cores", "2", "--configfile", str(path))
-    metrics = json.loads((tmp_path / "results/screen/mean/seed0/metrics.json").read_text())
-    assert {"macro_auc", "macro_f1", "micro_f1", "subset_accuracy"} <= set(metrics)
-    bags = pd.read_csv(tmp_path / "data/processed/screen/bags.tsv", sep="\t", keep_default_na=False)
-    assert len(bags) == 12 and (bags["labels"] == "").sum() == 8
-
-
 def test_a_configfile_replaces_the_full_reproduction(tmp_path):
     """Run from the repository: --configfile must not be merged into config/config.yaml's datasets."""
     cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/tiny.yaml"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "synth" in proc.stdout and "download" not in proc.stdout
-
-
-@pytest.mark.slow
-def test_shards_sized_by_fields(tmp_path):
-    config = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
-    dataset = config["datasets"]["tiny"]
-    del dataset["shards"]
-    dataset["fields_per_shard"] = 5
-    path = tmp_path / "sized.yaml"
-    path.write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, "bags", "--cores", "2", "--configfile", str(path))
-    fields = len(pd.read_csv(tmp_path / "data/raw/tiny/images.tsv", sep="\t"))
-    shards = sorted((tmp_path / "data/interim/tiny/patches").glob("*.tsv"))
-    shards = [s for s in shards if not s.name.endswith(".rejected.tsv")]
-    assert len(shards) == -(-fields // 5) > 1
-    assert (tmp_path / "data/processed/tiny.zarr").is_dir()
 
 
 @pytest.mark.skipif(
