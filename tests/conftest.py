@@ -3,6 +3,7 @@ from them by the bag stage (one session-wide store for the training tests)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,18 @@ def trained_runs(tmp_path_factory, small_store) -> tuple[Path, dict[str, Path]]:
         assert main(["evaluate", "--checkpoint", str(run / "best.pt"), *common]) == 0
         out[model] = run
     return small_store, out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist every worker process is one test runner: one torch thread each, so that the
+    workers do not oversubscribe the cores (the default takes all of them in every worker)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the slow end-to-end tests first: with pytest-xdist (``-n``) the long ones then overlap with
+    everything else instead of starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

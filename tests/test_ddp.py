@@ -28,6 +28,8 @@ from hamil.config import TrainConfig
 from hamil.models import build_model
 from hamil.train import train
 
+pytestmark = pytest.mark.slow  # one module-wide spawn of two ranks (about 30 s)
+
 #: (model, freeze_batch_norm, rtol): exact (up to summation order) when batch norm uses its running
 #: statistics; with batch statistics each rank normalises its own share, hence the tolerance.
 CONFIGS = [("hamil", True, 1e-4), ("si", True, 1e-4), ("hamil", False, 0.25)]

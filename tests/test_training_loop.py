@@ -60,6 +60,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path, small_store):
     reference = _cfg(small_store, tmp_path / "reference")
     train(reference)
