@@ -43,6 +43,9 @@ class TrainConfig:
     freeze_batch_norm: bool = False  # batch norm keeps its running statistics in training (small batches)
     sync_batch_norm: bool = True  # with several CUDA ranks, batch statistics over the global batch
     tensorboard: bool = False  # also log to <out_dir>/tensorboard (needs the tensorboard package)
+    # deterministic GPU kernels (no TF32, no atomics-based reductions; slower): on one GPU, reruns and
+    # resumed runs give identical results, as on the CPU, where this changes nothing
+    deterministic: bool = False
 
     # Fields that may differ between a run and its resumption (they do not change the computation).
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (

@@ -42,6 +42,21 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def set_deterministic(on: bool) -> None:
+    """Deterministic kernels (``torch.use_deterministic_algorithms``) and no TF32, or PyTorch's defaults.
+
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for deterministic matrix products; it is set here when unset
+    (before the first cuBLAS call of the process). An operation without a deterministic kernel then raises.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = not on
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default
+
+
 def set_threads(threads: int | None) -> None:
     """``torch.set_num_threads(threads)`` when given (``None``: torch's default, all cores)."""
     if threads:

@@ -34,7 +34,14 @@ from hamil.errors import TrainingDiverged
 from hamil.inference import predict_batches
 from hamil.metrics import compute_metrics
 from hamil.models import MILModel, build_model
-from hamil.runtime import DistContext, cleanup_distributed, seed_everything, set_threads, setup_distributed
+from hamil.runtime import (
+    DistContext,
+    cleanup_distributed,
+    seed_everything,
+    set_deterministic,
+    set_threads,
+    setup_distributed,
+)
 from hamil.tables import HISTORY_COLUMNS
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path
@@ -93,6 +100,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     Returns the best validation metrics.
     """
     set_threads(cfg.threads)
+    set_deterministic(cfg.deterministic)
     ctx, _, joined = setup_distributed(cfg.device)
     try:
         run = build_run(cfg, ctx)

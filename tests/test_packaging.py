@@ -120,3 +120,23 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
         Backbone(str(tmp_path / "other.pth"))
     with pytest.raises(InputError, match="weights file not found"):
         Backbone(str(tmp_path / "missing.pth"))
+
+
+def test_only_input_errors_are_one_line(monkeypatch, capsys):
+    """An InputError is one line and exit 2; with -v it shows its traceback; any other error (an internal
+    ValueError is a bug) always propagates with its traceback."""
+    from hamil import stages
+
+    def broken(params):
+        raise ValueError("internal bug")
+
+    monkeypatch.setitem(stages.STAGES, "compare", stages.STAGES["compare"]._replace(run=broken))
+    args = ["compare", "--metrics", "m.json", "--out-tsv", "c.tsv", "--out-md", "c.md"]
+    with pytest.raises(ValueError, match="internal bug"):
+        main(args)
+    assert (
+        main(["evaluate", "--checkpoint", "x.pt", "--store", "s", "--out-dir", "o", "--threshold", "2"]) == 2
+    )
+    assert capsys.readouterr().err == "hamil evaluate: error: invalid option(s): threshold=2.0\n"
+    with pytest.raises(InputError, match="threshold=2.0"):
+        main(["-v", "evaluate", "--checkpoint", "x.pt", "--store", "s", "--out-dir", "o", "--threshold", "2"])

@@ -69,7 +69,9 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path, small_s
     cfg = _cfg(small_store, run)
     env = {
         **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
         KILL_AFTER_ENV: "2:2",  # SIGKILL right after batch 2 of epoch 2: mid-epoch, deterministically
     }
     proc = subprocess.run([sys.executable, "-m", "hamil.cli", *_cli_args(cfg)], env=env, timeout=300)
