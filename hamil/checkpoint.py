@@ -7,6 +7,8 @@ state and every rank's random generators, so that a resumed run continues bit fo
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 import random
@@ -25,37 +27,101 @@ from preprocessing.errors import InputError
 from preprocessing.io import atomic_path
 
 CHECKPOINT_FORMAT = "hamil-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the payload is stored as bytes with their SHA-256
+READABLE_VERSIONS = (1, 2)  # 1: the payload dict itself, no checksum
+REQUIRED_KEYS = ("config", "class_names", "model")
+_LOAD_ERRORS = (
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+    OSError,
+    KeyError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+)
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Save ``payload`` (must hold ``config``, ``class_names``, ``model``) under a temp name, then rename."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, tmp)
+    """Save ``payload`` (must hold ``config``, ``class_names``, ``model``) under a temp name, then rename.
+
+    The payload is serialised once, its SHA-256 stored beside it, so a flipped byte is found on loading.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    outer = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    }
+    wrapped = io.BytesIO()
+    torch.save(outer, wrapped)
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:  # plain file writes: a full disk is an OSError
+        fh.write(wrapped.getbuffer())
 
 
-def load_checkpoint(path: str | os.PathLike[str], num_classes: int | None = None) -> dict[str, Any]:
-    """Load and check a checkpoint; every problem is an :class:`InputError` naming the file."""
+def read_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The payload dict :func:`save_checkpoint` was given (``config`` still a dict), checksum verified."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: corrupt or unreadable checkpoint ({first})") from None
+    ckpt = _torch_load(path, path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a HAMIL checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
+    if ckpt.get("version") not in READABLE_VERSIONS:
         raise InputError(
-            f"{path}: checkpoint version {ckpt.get('version')}, this HAMIL reads {CHECKPOINT_VERSION}"
+            f"{path}: checkpoint version {ckpt.get('version')}, this HAMIL reads "
+            + " and ".join(map(str, READABLE_VERSIONS))
         )
+    return _unwrap(path, ckpt) if ckpt["version"] >= 2 else ckpt
+
+
+def load_checkpoint(path: str | os.PathLike[str], num_classes: int | None = None) -> dict[str, Any]:
+    """Load and check a checkpoint; every problem is an :class:`InputError` naming the file.
+
+    Refused: not a checkpoint, an unknown version, a checksum mismatch (a corrupt file), missing keys, a
+    configuration this version does not know, and (with ``num_classes``) another number of classes.
+    ``config`` is returned as a :class:`TrainConfig`.
+    """
+    ckpt = read_payload(path)
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise InputError(f"{path}: not a complete HAMIL checkpoint (missing {', '.join(missing)})")
     if num_classes is not None and len(ckpt["class_names"]) != num_classes:
         raise InputError(
             f"{path}: checkpoint has {len(ckpt['class_names'])} classes, the data has {num_classes}"
         )
-    ckpt["config"] = TrainConfig.from_dict(ckpt["config"])
+    try:
+        ckpt["config"] = TrainConfig.from_dict(dict(ckpt["config"]))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path}: unreadable training configuration ({err})") from None
     return ckpt
+
+
+def _torch_load(source: Any, path: Path) -> Any:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise InputError(f"{path}: corrupt or unreadable checkpoint ({first})") from None
+
+
+def _unwrap(path: Path, outer: dict[str, Any]) -> dict[str, Any]:
+    payload = outer.get("payload")
+    if not isinstance(payload, torch.Tensor) or not isinstance(outer.get("sha256"), str):
+        raise InputError(f"{path}: not a complete HAMIL checkpoint (no payload or checksum)")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != outer["sha256"]:
+        raise InputError(f"{path}: checksum mismatch, the file is corrupt (re-train or restore a copy)")
+    inner = _torch_load(io.BytesIO(data), path)
+    if not isinstance(inner, dict):
+        raise InputError(f"{path}: not a HAMIL checkpoint")
+    return inner
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> MILModel:
@@ -75,6 +141,19 @@ def check_resumable(path: Path, saved: TrainConfig, current: TrainConfig) -> Non
     ]
     if differ:
         raise InputError(f"{path}: cannot resume with a different configuration ({'; '.join(differ)})")
+
+
+def check_same_store(path: Path, ckpt: dict[str, Any], store: Any) -> None:
+    """Refuse to resume on another bag store: other classes, or other bags, splits or labels (the store's
+    fingerprint; checkpoints written before it was recorded are only checked on the class names)."""
+    if ckpt["class_names"] != store.class_names:
+        raise InputError(f"{path}: classes {ckpt['class_names']} differ from the store's {store.class_names}")
+    recorded = (ckpt.get("store_attrs") or {}).get("fingerprint")
+    if recorded is not None and recorded != store.fingerprint:
+        raise InputError(
+            f"{path}: trained on another bag store than {store.path} (same classes, but other bags, splits "
+            "or labels); resume on the store it was trained on, or start a new run"
+        )
 
 
 def capture_rng(model: nn.Module, device: torch.device) -> dict[str, Any]:

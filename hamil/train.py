@@ -27,7 +27,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hamil.checkpoint import capture_rng, check_resumable, load_checkpoint, restore_rng, save_checkpoint
+from hamil.checkpoint import (
+    capture_rng,
+    check_resumable,
+    check_same_store,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from hamil.config import AMP_MODES, TrainConfig
 from hamil.data import BagDataset, intensity_jitter, jitter_factors, make_loader
 from hamil.errors import TrainingDiverged
@@ -44,11 +51,13 @@ from hamil.runtime import (
 )
 from hamil.tables import HISTORY_COLUMNS
 from preprocessing.errors import InputError
-from preprocessing.io import atomic_path
+from preprocessing.io import atomic_path, check_writable, remove_stale_temps
 from preprocessing.store import BagStore
 
 log = logging.getLogger(__name__)
 
+#: What a run writes into its folder (``tensorboard/`` aside).
+RUN_FILES = ("best.pt", "last.pt", "history.csv")
 #: Fault injection for the tests: ``EPOCH:BATCH`` kills this process (SIGKILL) right after that batch.
 KILL_AFTER_ENV = "HAMIL_TEST_KILL_AFTER_BATCH"
 
@@ -128,7 +137,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 def build_run(cfg: TrainConfig, ctx: DistContext) -> Run:
     """Seed, open the store, and build the model (DDP-wrapped with several ranks), optimizer and loaders."""
     seed_everything(cfg.seed)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # before the first step, not after a whole epoch
+        check_writable(cfg.out_dir)
+        for name in RUN_FILES:  # temporary files of a run killed while writing them
+            remove_stale_temps(Path(cfg.out_dir) / name)
     store = BagStore(cfg.store)
     train_bags, val_bags = store.bags_in("train"), store.bags_in("val")
     if len(train_bags) < ctx.world or len(val_bags) == 0:
@@ -311,9 +323,14 @@ def resume_state(run: Run) -> TrainState:
             "resume with the same --amp and device type"
         )
     check_resumable(path, ckpt["config"], run.cfg)
-    if ckpt["class_names"] != run.store.class_names:
-        raise InputError(
-            f"{path}: classes {ckpt['class_names']} differ from the store's {run.store.class_names}"
+    check_same_store(path, ckpt, run.store)
+    if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+        log.warning(
+            "%s was trained with %d CPU threads, resumed with %d: CPU reductions then sum in another order, "
+            "so the result is close to, but not bit-identical with, an uninterrupted run",
+            path,
+            ckpt["threads"],
+            torch.get_num_threads(),
         )
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -422,7 +439,9 @@ def _payload(run: Run, state: TrainState, row: dict[str, float], rng: list[dict[
             "crop": store.attrs.get("crop"),
             "bags": store.attrs.get("params"),
             "max_instances": run.cfg.max_instances,
+            "fingerprint": store.fingerprint,
         },
+        "threads": torch.get_num_threads(),
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else {},

@@ -2,9 +2,13 @@
 
 A file is streamed to ``<dest>.part`` and renamed onto ``dest`` only once its length, size, hashes and
 kind (magic bytes) all check out, so an existing ``dest`` is always complete. An interrupted download
-resumes with an HTTP ``Range`` request; transient failures (connection errors, timeouts, short bodies,
-429, 5xx) are retried with exponential backoff and full jitter, honouring ``Retry-After``; other 4xx fail
-at once. Requests to one host are limited in number (a semaphore) and spaced in time (``min_interval``).
+resumes with an HTTP ``Range`` request carrying ``If-Range`` with the validator (ETag, else Last-Modified)
+recorded in ``<dest>.part.json`` when the part was started; a part without one, a 200 answer, or a 206
+whose ``Content-Range`` (start, total) or ETag does not continue the recorded version restarts from zero,
+so two versions of a file are never spliced. Transient failures (connection errors, timeouts, short
+bodies, 429, 5xx) are retried with exponential backoff and full jitter, honouring ``Retry-After``; other
+4xx fail at once. Requests to one host are limited in number (a semaphore) and spaced in time
+(``min_interval``).
 
 Uses the standard library only (``urllib``), over real sockets; progress bars come from :mod:`tqdm`.
 """
@@ -18,6 +22,7 @@ import email.utils
 import hashlib
 import http
 import http.client
+import json
 import os
 import random
 import re
@@ -189,10 +194,13 @@ def _content_length(headers: http.client.HTTPMessage) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
 
 
-def _content_range_start(value: str | None) -> int | None:
-    """Start offset of ``Content-Range: bytes <start>-<end>/<total>``, or None if malformed."""
+def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """``(start, end, total or None for *)`` of ``Content-Range: bytes <start>-<end>/<total>``, or None."""
     match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
-    return int(match.group(1)) if match else None
+    if not match:
+        return None
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)), total
 
 
 def _describe(err: BaseException) -> str:
@@ -208,6 +216,50 @@ def _host(url: str) -> str:
 
 def _part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
+
+
+def _state_path(dest: Path) -> Path:
+    """The sidecar of ``<dest>.part``: URL, validator (ETag / Last-Modified) and total size of its version."""
+    return dest.with_name(dest.name + ".part.json")
+
+
+def _write_part_state(dest: Path, url: str, headers: http.client.HTTPMessage) -> None:
+    """Record which version of ``url`` the fresh ``<dest>.part`` holds (written before any body byte)."""
+    state = {
+        "url": url,
+        "etag": headers.get("ETag"),
+        "last_modified": headers.get("Last-Modified"),
+        "size": _content_length(headers),
+    }
+    path = _state_path(dest)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def _read_part_state(dest: Path, url: str) -> dict | None:
+    """The recorded state of ``<dest>.part`` with an ``If-Range`` validator, or None (then restart).
+
+    None when no sidecar exists (a part from an older version of this code), it is unreadable, it is for
+    another URL, or the server gave no strong validator (a weak ETag may not be used in ``If-Range``).
+    """
+    try:
+        state = json.loads(_state_path(dest).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("url") != url:
+        return None
+    etag, modified = state.get("etag"), state.get("last_modified")
+    validator = etag if etag and not str(etag).startswith("W/") else modified
+    if not validator:
+        return None
+    size = state.get("size")
+    return {**state, "validator": str(validator), "size": size if isinstance(size, int) else None}
+
+
+def _discard_part(dest: Path) -> None:
+    _part_path(dest).unlink(missing_ok=True)
+    _state_path(dest).unlink(missing_ok=True)
 
 
 class _HostGate:
@@ -266,6 +318,29 @@ class _Manifest:
             finally:
                 os.close(fd)
             self._rows[str(dest)] = (size, sha256)
+
+    def forget(self, dest: Path) -> None:
+        """Remove every row of ``dest`` (a file deleted as bad); the file is rewritten atomically."""
+        with self._lock:
+            self._rows.pop(str(dest), None)
+            if not self.path.is_file():
+                return
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                with _file_lock(fd):
+                    with open(fd, closefd=False, newline="") as fh:
+                        lines = fh.read().splitlines(keepends=True)
+                    kept = [ln for ln in lines if ln.split("\t")[1:2] != [_tsv_field(str(dest))]]
+                    if len(kept) == len(lines):
+                        return
+                    tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                    with tmp.open("w", newline="") as out:
+                        out.writelines(kept)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    os.replace(tmp, self.path)
+            finally:
+                os.close(fd)
 
 
 def _tsv_field(value: str) -> str:
@@ -358,6 +433,16 @@ class Downloader:
             futures = [pool.submit(self._fetch_item, item, bar) for item in items]
             return [f.result() for f in futures]
 
+    def discard(self, dest: Path) -> None:
+        """Delete a downloaded file found bad after the fact (an HTML page, a corrupt table) and its
+        manifest rows, so that nothing records it as good and the next run fetches it again."""
+        dest = Path(dest)
+        with self._dest_lock(dest):
+            dest.unlink(missing_ok=True)
+            _discard_part(dest)
+            if self._manifest is not None:
+                self._manifest.forget(dest)
+
     def get_bytes(self, url: str, headers: dict[str, str] | None = None) -> bytes:
         """GET a small response (a listing, an XML page) into memory, with the same retry policy."""
         _check_scheme(url)
@@ -389,11 +474,12 @@ class Downloader:
             self._download_once(item, part, headers)
             size, sha = self._verify(item, part)
             os.replace(part, item.dest)
+            _state_path(item.dest).unlink(missing_ok=True)
             if self._manifest is not None:
                 self._manifest.record(item.url, item.dest, size, sha)
             return item.dest
 
-        return self._retry(item.url, attempt, cleanup=lambda: part.unlink(missing_ok=True))
+        return self._retry(item.url, attempt, cleanup=lambda: _discard_part(item.dest))
 
     def _retry(self, url: str, attempt: Callable[[], T], cleanup: Callable[[], None]) -> T:
         """Run ``attempt`` up to ``1 + retries`` times; ``cleanup`` runs on a mismatch or a fatal error."""
@@ -481,25 +567,89 @@ class Downloader:
         return {"User-Agent": self.policy.user_agent, "Accept-Encoding": "identity", **(extra or {})}
 
     def _download_once(self, item: FetchItem, part: Path, headers: dict[str, str] | None) -> None:
-        """One request: resume ``part`` with a Range request if it exists, else start from zero."""
+        """Resume ``part`` if that is safe, else (or if the server's answer does not fit) start from zero.
+
+        A part is resumed only with the validator recorded when it was started (``<dest>.part.json``),
+        sent as ``If-Range``: a server whose file changed answers 200 with the whole new file. A 206 is
+        accepted only if its ``Content-Range`` starts at the part's end, is not empty, and its total (and
+        ETag, if sent) agree with the recorded version and the expected size; anything else discards
+        the part and fetches the whole file again in the same attempt.
+        """
         offset = part.stat().st_size if part.exists() else 0
-        if offset and item.size is not None and offset >= item.size:
-            return  # nothing left to fetch: go straight to verification
+        state = _read_part_state(item.dest, item.url) if offset else None
+        recorded = state["size"] if state else None
+        expected = item.size if item.size is not None else recorded
+        if offset and (
+            state is None
+            or (item.size is not None and recorded is not None and recorded != item.size)
+            or (expected is not None and offset > expected)
+        ):
+            _discard_part(item.dest)  # no recorded version, or a part of another version: restart
+            offset, state = 0, None
+        if offset and expected is not None and offset == expected:
+            return  # the whole recorded version is there: go straight to verification
+        if offset and state is not None:
+            try:
+                self._request(item, part, headers, offset, state)
+                return
+            except _Mismatch:
+                pass
+            _discard_part(item.dest)  # the answer does not continue the recorded version: restart
+        self._request(item, part, headers, 0, None)
+
+    def _request(
+        self,
+        item: FetchItem,
+        part: Path,
+        headers: dict[str, str] | None,
+        offset: int,
+        state: dict | None,
+    ) -> None:
+        """One GET into ``part``, ranged from ``offset`` with ``If-Range`` when ``state`` is given."""
         request_headers = self._headers(headers)
-        if offset:
+        if offset and state is not None:
             request_headers["Range"] = f"bytes={offset}-"
+            request_headers["If-Range"] = state["validator"]
         with self._gate(item.url).slot(), self._open(item.url, request_headers) as resp:
-            if resp.status == 206:
-                if not offset or _content_range_start(resp.headers.get("Content-Range")) != offset:
-                    raise _Mismatch(f"bad Content-Range {resp.headers.get('Content-Range')!r} for {offset=}")
-                mode = "ab"
-            else:  # 200 (or another 2xx): the whole body; restart from zero
-                offset, mode = 0, "wb"
             announced = _content_length(resp.headers)
+            if resp.status == 206:
+                if not offset or state is None:
+                    raise _Mismatch("206 Partial Content to a request without Range")
+                want = self._check_partial(item, resp.headers, offset, state, announced)
+                mode = "ab"
+            else:  # 200 (or another 2xx): the whole body (a changed file answers If-Range so)
+                offset, want, mode = 0, announced, "wb"
+                _write_part_state(item.dest, item.url, resp.headers)
             total = offset + announced if announced is not None else item.size
             received = self._stream(resp, part, mode, offset, total, item.dest.name)
-        if announced is not None and received < announced:
-            raise _Transient(f"incomplete body: got {received} of {announced} bytes")
+        if want is not None and received < want:
+            raise _Transient(f"incomplete body: got {received} of {want} bytes")
+
+    @staticmethod
+    def _check_partial(
+        item: FetchItem,
+        headers: http.client.HTTPMessage,
+        offset: int,
+        state: dict,
+        announced: int | None,
+    ) -> int:
+        """Raise :class:`_Mismatch` unless a 206 continues the recorded version at ``offset``; its length."""
+        value = headers.get("Content-Range")
+        parsed = _content_range(value)
+        if parsed is None or parsed[0] != offset or parsed[1] < parsed[0]:
+            raise _Mismatch(f"bad Content-Range {value!r} for {offset=}")
+        start, end, total = parsed
+        for name, known in (("expected", item.size), ("recorded", state["size"])):
+            if total is not None and known is not None and total != known:
+                raise _Mismatch(f"Content-Range total {total} differs from the {name} size {known}")
+        if total is not None and end != total - 1:
+            raise _Mismatch(f"bad Content-Range {value!r}: does not reach the end of {total} bytes")
+        if announced is not None and announced != end - start + 1:
+            raise _Mismatch(f"Content-Length {announced} disagrees with Content-Range {value!r}")
+        etag = headers.get("ETag")
+        if etag and state.get("etag") and etag != state["etag"]:
+            raise _Mismatch(f"ETag changed from {state['etag']} to {etag}")
+        return end - start + 1
 
     def _stream(self, resp, part: Path, mode: str, offset: int, total: int | None, name: str) -> int:
         """Copy the body to ``part``; bytes written so far stay there (for resume) if the read fails."""
@@ -602,11 +752,19 @@ def safe_extract_zip(archive: Path, target: Path) -> list[Path]:
                 reason = _unsafe_reason(info)
                 if reason:
                     raise DownloadError(f"{archive}: unsafe zip entry {info.filename!r} ({reason})")
+            clash = _file_folder_clash(infos)
+            if clash:
+                raise DownloadError(f"{archive}: zip entry {clash!r} is both a file and a folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
             try:
                 relative = _extract_all(zf, infos, tmp)
                 return _move_into(tmp, relative, target)
+            except (NotADirectoryError, IsADirectoryError, FileExistsError) as err:
+                where = err.filename or target
+                raise DownloadError(
+                    f"{archive}: cannot place an entry at {where} (a file and a folder of one name)"
+                ) from None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except FileNotFoundError:
@@ -615,13 +773,34 @@ def safe_extract_zip(archive: Path, target: Path) -> list[Path]:
         raise DownloadError(f"{archive}: not a valid zip archive ({err})") from None
 
 
+def _entry_parts(name: str) -> tuple[str, ...]:
+    return tuple(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+
+
+def _file_folder_clash(infos: list[zipfile.ZipInfo]) -> str | None:
+    """A name that is a file entry and also a folder (a folder entry or a parent of another entry)."""
+    files: dict[tuple[str, ...], str] = {}
+    folders: set[tuple[str, ...]] = set()
+    for info in infos:
+        parts = _entry_parts(info.filename)
+        if not parts:
+            continue
+        folders.update(parts[:k] for k in range(1, len(parts)))
+        if info.is_dir():
+            folders.add(parts)
+        else:
+            files[parts] = info.filename
+    return next((name for parts, name in files.items() if parts in folders), None)
+
+
 def _extract_all(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], root: Path) -> list[Path]:
     relative: list[Path] = []
     resolved_root = root.resolve()
     for info in infos:
-        rel = Path(*[p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".")])
-        if not rel.parts:
+        parts = _entry_parts(info.filename)
+        if not parts:
             continue
+        rel = Path(*parts)
         out = root / rel
         if not out.resolve().is_relative_to(resolved_root):  # belt and braces after _unsafe_reason
             raise DownloadError(f"{zf.filename}: unsafe zip entry {info.filename!r} (escapes target)")

@@ -4,6 +4,7 @@ that fails with one clear line."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,20 +33,74 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
 
     Works for files and directories (e.g. a Zarr store). An interrupted write never leaves ``dest``
-    looking complete.
+    looking complete. Temporary names left beside ``dest`` by a killed earlier writer are removed first
+    (one writer per destination is the rule of every stage). A full disk or a read-only folder is an
+    :class:`InputError` naming the file.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as err:
+        raise _write_error(err, dest, denied=True) from None
     tmp.rmdir()  # the caller creates a file or a directory at this name
     try:
         yield tmp
         if dest.is_dir() and not dest.is_symlink():
             _remove(dest)
         os.replace(tmp, dest)
+    except OSError as err:
+        raise _write_error(err, dest) from None
     finally:
         if tmp.exists():
             _remove(tmp)
+
+
+def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary names :func:`atomic_path` leaves beside ``dest`` when its writer is killed
+    (``.<name>.<random>.tmp``, files or folders); returns what was removed."""
+    dest = Path(dest)
+    stale = sorted(dest.parent.glob(f".{glob_escape(dest.name)}.*.tmp")) if dest.parent.is_dir() else []
+    for path in stale:
+        _remove(path)
+        log.info("removed %s, left by an interrupted write of %s", path, dest)
+    return stale
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Create ``folder`` if needed and check that a file can be written in it (one line if not)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise InputError(f"{folder}: output folder is not writable ({err.strerror or err})") from None
+
+
+def _write_error(err: OSError, dest: Path, denied: bool = False) -> Exception:
+    """One line for the write failures a user can act on: a full disk or quota, a read-only file system,
+    and (``denied``: while creating the folder or the temporary name) a permission error."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InputError(f"no space left on device ({_mount_point(dest)}) writing {dest}")
+    if err.errno == errno.EROFS or (denied and err.errno in (errno.EACCES, errno.EPERM)):
+        return InputError(f"{dest}: cannot write ({err.strerror})")
+    return err
+
+
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 def _remove(path: Path) -> None:
@@ -147,42 +202,129 @@ def split_labels(cell: str) -> list[str]:
     return [s.strip() for s in cell.split(";") if s.strip()]
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image fully as ``(H, W, 3)`` uint8 RGB. Grayscale is repeated, 16-bit is scaled to 8 bits.
+# Images with more pixels than this are refused before decoding (PIL's own default limit, about 9459 x 9459):
+# a header that claims huge dimensions must not take down a stage. The environment variable overrides it.
+MAX_IMAGE_PIXELS: int = 89_478_485
+MAX_IMAGE_PIXELS_ENV = "HAMIL_MAX_IMAGE_PIXELS"
 
-    Raises :class:`InputError` (one line, naming the file) when it is missing, unreadable or truncated.
+
+def max_image_pixels() -> int:
+    """The pixel limit of :func:`read_image`: ``$HAMIL_MAX_IMAGE_PIXELS`` when set, else
+    :data:`MAX_IMAGE_PIXELS`; :class:`InputError` when the variable is not a positive whole number."""
+    raw = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive whole number of pixels, got {raw!r}")
+    return value
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image fully as ``(H, W, 3)`` uint8 RGB, whatever its colour mode.
+
+    * grey (``L``) and 1-bit (``1``: 0 or 255) are repeated to 3 channels; grey+alpha (``LA``) and RGBA
+      lose their alpha;
+    * palette images (``P``, ``PA``) take their colours from the palette; CMYK (e.g. a CMYK JPEG), YCbCr,
+      HSV and LAB are converted to RGB by PIL;
+    * 16-bit grey (``I;16``) is scaled by its type's range (0-65535 -> 0-255); 32-bit integer (``I``) and
+      float (``F``) images are scaled the same way when all their values lie in 0-65535 (integer) or 0-1
+      (float), else by the image's own value range (min -> 0, max -> 255; a constant image is clipped to
+      the range instead, so nothing divides by zero; NaN becomes 0);
+    * a multi-page (multi-frame) file gives its first page, with a warning in the log.
+
+    Raises :class:`InputError` (one line, naming the file) when it is missing, unreadable, truncated, in a
+    colour mode with no conversion to RGB, or too large: more pixels than :func:`max_image_pixels` (the
+    module constant :data:`MAX_IMAGE_PIXELS`, overridden by the environment variable
+    ``HAMIL_MAX_IMAGE_PIXELS``), checked on the header before anything is decoded. PIL's own
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is raised to that limit when it is lower, and
+    its error is reported the same way.
     """
     path = Path(path)
+    limit = max_image_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL warns above this and refuses above twice this
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > limit:
+                raise InputError(
+                    f"{path}: image too large ({width} x {height} = {width * height} pixels, more than the "
+                    f"limit of {limit}; set {MAX_IMAGE_PIXELS_ENV} to change it)"
+                )
             img.load()  # decodes everything: a truncated file raises here
-            arr = np.asarray(img)
+            arr = _rgb_array(img, path)
+            pages = getattr(img, "n_frames", 1)
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(
+            f"{path}: image too large ({_first_line(err)}; set {MAX_IMAGE_PIXELS_ENV} to change the limit)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path}: unreadable image ({_first_line(err)})") from None
+    if pages > 1:
+        log.warning("%s: %d pages, only the first page is used", path, pages)
     return to_rgb8(arr, path)
 
 
+# modes whose array to_rgb8 takes as is (grey, 1-bit, RGB, RGBA, 16/32-bit integer, float)
+_DIRECT_MODES = frozenset({"1", "L", "RGB", "RGBA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _rgb_array(img: Image.Image, path: Path) -> np.ndarray:
+    """The decoded pixels of ``img`` as an array :func:`to_rgb8` understands (no palette indices, no CMYK)."""
+    mode = img.mode
+    if mode == "LA":
+        return np.asarray(img.getchannel("L"))  # grey; the alpha is dropped
+    if mode in ("P", "PA"):
+        return np.asarray(img.convert("RGBA"))  # the palette's colours (alpha dropped by to_rgb8)
+    if mode in _DIRECT_MODES:
+        return np.asarray(img)
+    try:
+        return np.asarray(img.convert("RGB"))  # CMYK, YCbCr, HSV, LAB, RGBX, RGBa, La, ...
+    except ValueError:
+        raise InputError(f"{path}: unsupported colour mode {mode!r} (no conversion to RGB)") from None
+
+
 def to_rgb8(arr: np.ndarray, path: str | os.PathLike[str] = "<array>") -> np.ndarray:
-    """Convert a decoded image array to ``(H, W, 3)`` uint8."""
+    """Convert a decoded image array to ``(H, W, 3)`` uint8 (values scaled as :func:`read_image` says).
+
+    ``(H, W)`` is grey, ``(H, W, 2)`` grey+alpha, ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA; alpha is dropped.
+    """
     if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.integer):
-            arr = (arr.astype(np.float64) / max(int(np.iinfo(arr.dtype).max), 1) * 255.0).round()
-        elif arr.dtype == bool:
-            arr = arr.astype(np.float64) * 255.0
-        else:
-            arr = np.clip(np.asarray(arr, dtype=np.float64), 0.0, 1.0) * 255.0
-        arr = arr.astype(np.uint8)
+        arr = _scale_to_uint8(np.asarray(arr))
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):
+        arr = arr[:, :, :1] if arr.shape[2] == 2 else arr[:, :, :3]  # drop alpha
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    elif arr.ndim == 3 and arr.shape[2] == 2:
-        arr = np.concatenate([arr, np.zeros_like(arr[:, :, :1])], axis=2)
     elif not (arr.ndim == 3 and arr.shape[2] == 3):
         raise InputError(f"{path}: unsupported image shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Bool -> 0/255; 8/16-bit integers by their type's range; wider integers and floats by 0-65535 or 0-1
+    when they fit, else by the image's own (finite) min..max; a constant image is clipped instead."""
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    values = arr.astype(np.float64)
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and arr.dtype.itemsize <= 2:
+        lo, hi = 0.0, float(np.iinfo(arr.dtype).max)
+    else:
+        lo, hi = (0.0, 65535.0) if np.issubdtype(arr.dtype, np.integer) else (0.0, 1.0)
+        finite = values[np.isfinite(values)]
+        if finite.size and (finite.min() < lo or finite.max() > hi) and finite.max() > finite.min():
+            lo, hi = float(finite.min()), float(finite.max())
+    scaled = np.nan_to_num((values - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def _first_line(err: BaseException) -> str:

@@ -10,11 +10,16 @@ Layout (format version 2, ``FORMAT_VERSION``)::
     source_image  str    (N,)          the field each patch was cut from
     box           int32  (N, 4)        x0, y0, x1, y1 in that field
 
-Attributes: ``format_version``, ``class_names``, ``source``, ``patch_shape`` ``[H, W]``, ``params``.
+Attributes: ``format_version``, ``class_names``, ``source``, ``patch_shape`` ``[H, W]``, ``params`` and
+``metadata_sha256``: the SHA-256 of the class names and the bag arrays (offsets, labels, split, group, bag
+id; :func:`metadata_digest`), checked on opening. It is also the store's fingerprint: a checkpoint records
+it, and a run resumes only on the same bags, splits and labels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -106,7 +111,32 @@ def write_bag_store(
         root.create_array("bag_id", data=_strings(bag_id))
         root.create_array("source_image", data=_strings(source_image))
         root.create_array("box", data=np.asarray(box, dtype=np.int32).reshape(n, 4))
-        root.attrs.update({**attrs, "format_version": FORMAT_VERSION, "patch_shape": list(patch_shape)})
+        digest = metadata_digest(attrs.get("class_names", []), bag_offsets, labels, split, group, bag_id)
+        root.attrs.update(
+            {
+                **attrs,
+                "format_version": FORMAT_VERSION,
+                "patch_shape": list(patch_shape),
+                "metadata_sha256": digest,
+            }
+        )
+
+
+def metadata_digest(
+    class_names: Sequence[str],
+    bag_offsets: np.ndarray,
+    labels: np.ndarray,
+    split: np.ndarray,
+    group: Sequence[str],
+    bag_id: Sequence[str],
+) -> str:
+    """SHA-256 of what defines a store's bags: class names, offsets, labels, split, group and bag ids."""
+    sha = hashlib.sha256(json.dumps(list(class_names)).encode())
+    for array, dtype in ((bag_offsets, np.int64), (labels, np.uint8), (split, np.int8)):
+        sha.update(np.ascontiguousarray(np.asarray(array, dtype=dtype)).tobytes())
+    for strings in (group, bag_id):
+        sha.update("\x00".join(map(str, strings)).encode())
+    return sha.hexdigest()
 
 
 def _strings(values: Sequence[str]) -> np.ndarray:
@@ -154,6 +184,16 @@ class BagStore:
         self.split: np.ndarray = meta["split"][:]  # (B,)
         self.group: np.ndarray = meta["group"][:]
         self.bag_id: np.ndarray = meta["bag_id"][:]
+        #: SHA-256 of the class names and bag arrays (see :func:`metadata_digest`)
+        self.fingerprint = metadata_digest(
+            self.class_names, self.bag_offsets, self.labels, self.split, self.group, self.bag_id
+        )
+        recorded = self.attrs.get("metadata_sha256")
+        if recorded is not None and recorded != self.fingerprint:
+            raise InputError(
+                f"{self.path}: bag metadata does not match its checksum (corrupt or edited); "
+                "rebuild the store with hamil bags"
+            )
 
     @property
     def root(self) -> zarr.Group:

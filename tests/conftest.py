@@ -52,8 +52,9 @@ def two_shards(tmp_path: Path):
     return [s0[0], s1[0]], [s0[1], s1[1]], groups
 
 
-def make_store(folder: Path, patch: int, groups: int = 24, seed: int = 0) -> Path:
-    """A bag store of ``groups`` groups (2-8 textured patches each, 1-2 labels of A, B, C), split 4:1:1."""
+def make_store(folder: Path, patch: int, groups: int = 24, seed: int = 0, split_seed: int = 0) -> Path:
+    """A bag store of ``groups`` groups (2-8 textured patches each, 1-2 labels of A, B, C), split 4:1:1
+    (groups drawn into the splits with ``split_seed``)."""
     rng = np.random.default_rng(seed)
     vocab = ["A", "B", "C"]
     spec = {
@@ -69,7 +70,7 @@ def make_store(folder: Path, patch: int, groups: int = 24, seed: int = 0) -> Pat
         arr = zarr.open_group(store, mode="r+")["patches"]
         arr[:] = np.random.default_rng(seed).integers(0, 256, arr.shape, dtype=np.uint8)
     out = folder / "ds.zarr"
-    params = BagParams(top_k=3, split_ratio=(4, 1, 1))
+    params = BagParams(top_k=3, split_ratio=(4, 1, 1), seed=split_seed)
     build_bags(list(tables), list(stores), out, folder / "bags.tsv", params, "t")
     return out
 

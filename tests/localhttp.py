@@ -8,6 +8,7 @@ entry per request), ``script.starts`` and ``script.max_active``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections import defaultdict
@@ -85,6 +86,33 @@ def send(
     h.end_headers()
     h.wfile.write(body)
     h.wfile.flush()
+
+
+def etag_of(body: bytes) -> str:
+    """A strong ETag for a body (quoted, as servers send it)."""
+    return '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+
+
+def send_ranged(
+    h: Handler,
+    body: bytes,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    if_range: bool = True,
+) -> None:
+    """Answer like a real file server: ``Range: bytes=n-`` gives 206 with ``Content-Range``, unless an
+    ``If-Range`` validator no longer matches (then 200 with the whole body). ``etag`` defaults to
+    :func:`etag_of` (pass ``""`` to send none); ``if_range=False`` ignores ``If-Range`` (a bad server)."""
+    etag = etag_of(body) if etag is None else etag
+    headers = {k: v for k, v in (("ETag", etag), ("Last-Modified", last_modified)) if v}
+    rng, cond = h.headers.get("Range"), h.headers.get("If-Range")
+    fresh = not cond or not if_range or cond in (etag, last_modified)
+    if rng and fresh:
+        start = int(rng.removeprefix("bytes=").rstrip("-"))
+        content_range = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        send(h, body[start:], 206, headers={**headers, "Content-Range": content_range})
+    else:
+        send(h, body, headers=headers)
 
 
 @contextlib.contextmanager

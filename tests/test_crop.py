@@ -282,3 +282,36 @@ def test_whole_images_as_instances(tmp_path: Path) -> None:
     assert table[["x0", "y0", "x1", "y1"]].values.tolist()[1] == [0, 0, 300, 200]
     with pytest.raises(InputError, match="instances must be one of"):
         CropParams(instances="tiles")
+
+
+def test_huge_image_header_is_rejected_not_a_crash(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Through ``hamil crop``: an image whose header claims huge dimensions (PIL's decompression-bomb
+    error, or more pixels than HAMIL_MAX_IMAGE_PIXELS) goes to the shard's rejected list and counts
+    against max_bad_fraction; it does not take the shard down with a traceback."""
+    from PIL import Image
+    from test_io import huge_header_jpeg, huge_header_png
+
+    from hamil.cli import main
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f"ok{i}.png")
+        rows.append(f"OK{i}\tG{i % 2}\tok{i}.png\ta")
+    huge_header_png(tmp_path / "bomb.png", 60_000, 60_000)  # past PIL's own error limit
+    huge_header_jpeg(tmp_path / "big.jpg", 3000, 2000)  # over the limit set below
+    rows += ["BOMB\tG0\tbomb.png\ta", "BIG\tG1\tbig.jpg\ta"]
+    (tmp_path / "images.tsv").write_text("image_id\tgroup\tpath\tlabels\n" + "\n".join(rows) + "\n")
+    monkeypatch.setenv("HAMIL_MAX_IMAGE_PIXELS", "1000000")
+    whole = ["--instances", "whole", "--whole-size", "8", "8"]
+    crop = ["crop", "--images", str(tmp_path / "images.tsv"), *whole]
+    out = ["--out-zarr", str(tmp_path / "0.zarr"), "--out-tsv", str(tmp_path / "0.tsv")]
+    assert main([*crop, *out, "--max-bad-fraction", "0.5"]) == 0
+    rejected = pd.read_csv(tmp_path / "0.rejected.tsv", sep="\t")
+    assert rejected["image_id"].tolist() == ["BOMB", "BIG"]
+    assert all("image too large (" in r for r in rejected["reason"])
+    assert pd.read_csv(tmp_path / "0.tsv", sep="\t")["image_id"].tolist() == ["OK0", "OK1", "OK2", "OK3"]
+    assert json.loads((tmp_path / "0.json").read_text())["fields_rejected"] == 2
+    assert main([*crop, *out, "--max-bad-fraction", "0.2"]) == 2  # 2 of 6 is too many: one line
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "2 of 6" in err and "bomb.png: image too large" in err

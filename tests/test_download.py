@@ -24,6 +24,7 @@ from preprocessing.download import (
     DownloadPolicy,
     FetchItem,
     _parse_retry_after,
+    _part_path,
     safe_extract_zip,
     sniff,
 )
@@ -33,23 +34,19 @@ BODY = bytes(range(256)) * 400  # 102,400 bytes: several read chunks
 HTML = b"<!DOCTYPE html><html><head><title>Error</title></head><body>Try later</body></html>"
 FAST = DownloadPolicy(retries=2, backoff=0.001, max_backoff=5.0, timeout=5.0)
 
-from localhttp import Handler, Script, send, serve  # noqa: E402
+from localhttp import Handler, Script, etag_of, send, send_ranged, serve  # noqa: E402
 
 
 def serve_ranges(h: Handler, body: bytes) -> None:
-    """A well-behaved server: honours ``Range: bytes=n-`` with 206."""
-    rng = h.headers.get("Range")
-    if rng:
-        start = int(rng.removeprefix("bytes=").rstrip("-"))
-        content_range = f"bytes {start}-{len(body) - 1}/{len(body)}"
-        send(h, body[start:], 206, headers={"Content-Range": content_range})
-    else:
-        send(h, body)
+    """A well-behaved server: honours ``Range: bytes=n-`` with 206 (and ``If-Range`` with its ETag)."""
+    send_ranged(h, body)
 
 
-def drop_half(h: Handler, body: bytes) -> None:
-    """Announce the whole body, write half, close the connection."""
-    send(h, body[: len(body) // 2], length=len(body))
+def drop_half(h: Handler, body: bytes, keep: int | None = None) -> None:
+    """Announce the whole body (with its ETag), write half (or ``keep`` bytes), close the connection."""
+    send(
+        h, body[: len(body) // 2 if keep is None else keep], length=len(body), headers={"ETag": etag_of(body)}
+    )
     h.close_connection = True
 
 
@@ -128,32 +125,160 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     assert script.headers["/big"][1]["Range"] == f"bytes={len(BODY) // 2}-"
 
 
+def interrupt(url: str, dest: Path) -> None:
+    """A first run that loses its connection and gives up (no retry), leaving ``<dest>.part``."""
+    with pytest.raises(DownloadError, match="incomplete body"):
+        make_downloader(retries=0).fetch(url, dest)
+    assert _part_path(dest).exists()
+
+
 def test_resume_answered_206_is_appended(server, tmp_path):
-    """A part file left by an earlier run is resumed, and only the rest is transferred."""
+    """A part file left by an earlier run is resumed (If-Range: its ETag), and only the rest is sent."""
     url, script = server
     served: list[int] = []
 
     def route(h: Handler, n: int) -> None:
+        if n == 0:
+            return drop_half(h, BODY, keep=1000)
         served.append(int(h.headers["Range"].removeprefix("bytes=").rstrip("-")))  # before answering
         serve_ranges(h, BODY)
 
     script.routes["/big"] = route
     dest = tmp_path / "big"
-    (tmp_path / "big.part").write_bytes(BODY[:1000])
+    interrupt(f"{url}/big", dest)
     make_downloader().fetch(f"{url}/big", dest, size=len(BODY))
     assert served == [1000] and dest.read_bytes() == BODY
+    assert script.headers["/big"][1]["If-Range"] == etag_of(BODY)
+    assert not _part_path(dest).exists() and not (tmp_path / "big.part.json").exists()
 
 
 def test_bad_content_range_or_416_restarts_from_zero(server, tmp_path):
     url, script = server
-    wrong = {"Content-Range": f"bytes 0-{len(BODY) - 1}/{len(BODY)}"}
-    script.routes["/cr"] = lambda h, n: send(h, BODY, 206, headers=wrong) if n == 0 else serve_ranges(h, BODY)
-    script.routes["/416"] = lambda h, n: h.send_error(416) if n == 0 else serve_ranges(h, BODY)
+    wrong = {"Content-Range": f"bytes 0-{len(BODY) - 1}/{len(BODY)}", "ETag": etag_of(BODY)}
+
+    def bad(answer):
+        return lambda h, n: (
+            drop_half(h, BODY, keep=5000) if n == 0 else answer(h) if n == 1 else serve_ranges(h, BODY)
+        )
+
+    script.routes["/cr"] = bad(lambda h: send(h, BODY, 206, headers=wrong))
+    script.routes["/416"] = bad(lambda h: h.send_error(416))
     for name in ("cr", "416"):
-        (tmp_path / f"{name}.part").write_bytes(BODY[:5000])
-        make_downloader().fetch(f"{url}/{name}", tmp_path / name)
+        interrupt(f"{url}/{name}", tmp_path / name)
+        sleeps: list[float] = []
+        make_downloader(sleeps=sleeps).fetch(f"{url}/{name}", tmp_path / name)
         assert (tmp_path / name).read_bytes() == BODY
-        assert [m.get("Range") for m in script.headers[f"/{name}"]] == ["bytes=5000-", None]
+        assert [m.get("Range") for m in script.headers[f"/{name}"]] == [None, "bytes=5000-", None]
+        assert sleeps == []  # restarted at once, in the same attempt
+
+
+V2 = bytes(255 - b for b in BODY)  # the file as changed on the server: same length, other bytes
+
+
+@pytest.mark.parametrize(
+    "server_kind", ["if-range", "ignores if-range, new etag", "ignores if-range, new size"]
+)
+def test_file_changed_between_attempts_gives_the_new_file_exactly(server, tmp_path, server_kind):
+    """Issue 12.2: a resume must never splice the old file's prefix onto the new file's tail."""
+    url, script = server
+    new = V2 if server_kind != "ignores if-range, new size" else V2[:70000]
+    etag = "" if server_kind == "ignores if-range, new size" else None  # None: the body's ETag
+
+    def route(h: Handler, n: int) -> None:
+        if n == 0:
+            return drop_half(h, BODY)  # v1, with its ETag
+        send_ranged(h, new, etag=etag, if_range=server_kind == "if-range")
+
+    script.routes["/f"] = route
+    dest = tmp_path / "f"
+    interrupt(f"{url}/f", dest)
+    make_downloader(tmp_path).fetch(f"{url}/f", dest)
+    assert dest.read_bytes() == new
+    sent = script.headers["/f"]
+    assert sent[1]["Range"] == f"bytes={len(BODY) // 2}-" and sent[1]["If-Range"] == etag_of(BODY)
+    if server_kind != "if-range":  # the 206 did not continue the recorded version: fetched again whole
+        assert [m.get("Range") for m in sent[2:]] == [None]
+
+
+def test_stale_longer_part_and_empty_206_is_not_accepted(server, tmp_path):
+    """Issue 12.2: a part longer than the (new, shorter) file, answered 206 with an empty body."""
+    url, script = server
+    new = V2[:30000]
+
+    def route(h: Handler, n: int) -> None:
+        if n == 0:
+            return drop_half(h, BODY, keep=80000)
+        rng = h.headers.get("Range")
+        if rng:  # a bad server: ignores If-Range, answers any range 206 with what is left (nothing)
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            send(h, new[start:], 206, headers={"Content-Range": f"bytes {start}-{len(new) - 1}/{len(new)}"})
+        else:
+            send(h, new)
+
+    script.routes["/f"] = route
+    dest = tmp_path / "f"
+    interrupt(f"{url}/f", dest)
+    make_downloader(tmp_path).fetch(f"{url}/f", dest)
+    assert dest.read_bytes() == new
+    assert [m.get("Range") for m in script.headers["/f"]] == [None, "bytes=80000-", None]
+
+
+def test_expected_size_and_content_range_total_must_agree(server, tmp_path):
+    """A 206 whose total differs from the size the caller expects restarts from zero."""
+    url, script = server
+    longer = BODY + b"tail"
+
+    def route(h: Handler, n: int) -> None:
+        if n == 0:
+            return drop_half(h, BODY)
+        send_ranged(h, longer if h.headers.get("Range") else BODY, etag=etag_of(BODY), if_range=False)
+
+    script.routes["/f"] = route
+    dest = tmp_path / "f"
+    interrupt(f"{url}/f", dest)
+    make_downloader().fetch(f"{url}/f", dest, size=len(BODY))
+    assert dest.read_bytes() == BODY
+    assert [m.get("Range") for m in script.headers["/f"]] == [None, "bytes=51200-", None]
+
+
+def test_part_without_recorded_validator_restarts_from_zero(server, tmp_path):
+    """No ETag nor Last-Modified when the part was started (or a part of unknown origin): no Range."""
+    url, script = server
+
+    def route(h: Handler, n: int) -> None:
+        if n == 0:
+            send(h, BODY[:5000], length=len(BODY))
+            h.close_connection = True
+        else:
+            send_ranged(h, BODY, etag="")
+
+    script.routes["/f"] = route
+    script.routes["/g"] = lambda h, n: send_ranged(h, BODY)
+    interrupt(f"{url}/f", tmp_path / "f")
+    make_downloader().fetch(f"{url}/f", tmp_path / "f")
+    (tmp_path / "g.part").write_bytes(V2[:5000])  # a part file with no record of its version
+    make_downloader().fetch(f"{url}/g", tmp_path / "g")
+    assert (tmp_path / "f").read_bytes() == BODY == (tmp_path / "g").read_bytes()
+    assert [m.get("Range") for m in script.headers["/f"]] == [None, None]
+    assert [m.get("Range") for m in script.headers["/g"]] == [None]
+
+
+def test_last_modified_is_the_validator_without_etag(server, tmp_path):
+    url, script = server
+    stamp = "Mon, 01 Mar 2021 00:00:00 GMT"
+
+    def route(h: Handler, n: int) -> None:
+        if n == 0:
+            send(h, BODY[:5000], length=len(BODY), headers={"Last-Modified": stamp})
+            h.close_connection = True
+        else:
+            send_ranged(h, BODY, etag="", last_modified=stamp)
+
+    script.routes["/f"] = route
+    interrupt(f"{url}/f", tmp_path / "f")
+    make_downloader().fetch(f"{url}/f", tmp_path / "f")
+    assert (tmp_path / "f").read_bytes() == BODY
+    assert script.headers["/f"][1]["If-Range"] == stamp and script.count("/f") == 2
 
 
 def test_progress_bars_do_not_break_anything(server, tmp_path, capsys):
@@ -439,3 +564,18 @@ def test_safe_extract_zip_bad_archive(tmp_path):
     (tmp_path / "x.zip").write_bytes(HTML)
     with pytest.raises(DownloadError, match="x.zip: not a valid zip archive"):
         safe_extract_zip(tmp_path / "x.zip", tmp_path / "t")
+
+
+@pytest.mark.parametrize("entries", [["hpa/G", "hpa/G/a.jpg"], ["hpa/G/a.jpg", "hpa/G"], ["x/", "x"]])
+def test_safe_extract_zip_file_and_folder_of_one_name_is_one_error(tmp_path, entries):
+    """Issue 12.9: a name that is both a file and a folder gives a DownloadError, not an OSError."""
+    archive = make_zip(tmp_path / "clash.zip", dict.fromkeys(entries, b"x"))
+    clash = next(e for e in entries if not e.endswith("/") and any(o.startswith(e + "/") for o in entries))
+    with pytest.raises(DownloadError, match=rf"clash.zip: zip entry '{clash}' is both a file and a folder"):
+        safe_extract_zip(archive, tmp_path / "target")
+    assert not (tmp_path / "target").exists()
+    # a folder of the target already holding a file where the archive has a folder
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "hpa").write_bytes(b"old file")
+    with pytest.raises(DownloadError, match="ok.zip: cannot place an entry"):
+        safe_extract_zip(make_zip(tmp_path / "ok.zip", {"hpa/G/a.jpg": b"x"}), tmp_path / "t2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -216,3 +217,81 @@ def test_empty_labels_survive_to_negative_bags(tmp_path: Path) -> None:
         "x",
     )
     assert dropped["groups"] == 2 and dropped["groups_dropped_without_label"] == 4
+
+
+# ------------------------------------------------------------------------- through the CLI (hamil download)
+
+
+def _download_folder(table: Path, out: Path, *extra: str) -> int:
+    from hamil.cli import main
+
+    return main(["download", "folder", "--table", str(table), "--out", str(out), *extra])
+
+
+def test_huge_image_headers_are_rejected_not_a_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A header claiming huge dimensions (PIL's decompression-bomb error, or more pixels than
+    HAMIL_MAX_IMAGE_PIXELS) is an unusable image listed in rejected.tsv with its reason."""
+    from test_io import huge_header_jpeg, huge_header_png
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        Image.fromarray(_rgb()).save(tmp_path / f"img/ok{i}.png")
+    huge_header_png(tmp_path / "img/bomb.png", 60_000, 60_000)  # past PIL's own error limit
+    huge_header_jpeg(tmp_path / "img/big.jpg", 3000, 2000)  # 6 M pixels, over the limit set below
+    monkeypatch.setenv("HAMIL_MAX_IMAGE_PIXELS", "1000000")
+    names = ["img/ok0.png", "img/bomb.png", "img/ok1.png", "img/big.jpg", "img/ok2.png"]
+    table = _write_table(tmp_path / "in.tsv", [{"path": n, "group": "G", "labels": "a"} for n in names])
+    out = tmp_path / "out"
+    assert _download_folder(table, out, "--max-bad-fraction", "0.4") == 0
+    rejected = pd.read_csv(out / "rejected.tsv", sep="\t", dtype=str)
+    assert rejected["path"].tolist() == ["img/bomb.png", "img/big.jpg"]
+    assert all(r.startswith("image too large (") for r in rejected["reason"])
+    assert "3000 x 2000 = 6000000 pixels, more than the limit of 1000000" in rejected["reason"].iloc[1]
+    kept = read_images_table(out / "images.tsv")["path"]
+    assert [Path(p).name for p in kept] == ["ok0.png", "ok1.png", "ok2.png"]
+    assert _download_folder(table, out) == 2  # none allowed: one line naming the first
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "2 of 5 images unusable, first: img/bomb.png: image too large" in err
+
+
+def test_failed_rerun_removes_the_earlier_images_table(tmp_path: Path) -> None:
+    """After a good run, a rerun that fails leaves no images.tsv for the workflow to go on with."""
+    (tmp_path / "img").mkdir()
+    for i in range(2):
+        Image.fromarray(_rgb()).save(tmp_path / f"img/f{i}.png")
+    rows = [{"path": f"img/f{i}.png", "group": "G", "labels": "a"} for i in range(2)]
+    table = _write_table(tmp_path / "in.tsv", rows)
+    out = tmp_path / "out"
+    assert _download_folder(table, out) == 0 and (out / "images.tsv").is_file()
+    (tmp_path / "img/f1.png").write_bytes(b"<html>gone</html>")
+    assert _download_folder(table, out) == 2
+    assert not (out / "images.tsv").exists()
+    assert pd.read_csv(out / "rejected.tsv", sep="\t")["path"].tolist() == ["img/f1.png"]
+    _write_table(tmp_path / "in.tsv", [{"path": "img/f0.png", "group": "G", "labels": "b"}])
+    assert _download_folder(table, out) == 0  # a good rerun writes it again
+    assert read_images_table(out / "images.tsv")["labels"].tolist() == ["b"]
+    assert pd.read_csv(out / "rejected.tsv", sep="\t").empty
+
+
+def test_images_listed_twice_are_warned_about(tmp_path: Path, caplog) -> None:
+    """The same file twice in one group, or in two groups (then possibly in train and test): a warning
+    that names the file and the groups."""
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(_rgb()).save(tmp_path / f"img/{name}.png")
+    rows = [
+        {"path": "img/a.png", "group": "G1", "labels": "x"},
+        {"path": "img/b.png", "group": "G1", "labels": "x"},
+        {"path": "img/./b.png", "group": "G1", "labels": "x"},  # the same file, spelt differently
+        {"path": str(tmp_path / "img/a.png"), "group": "G2", "labels": "y"},
+        {"path": "img/c.png", "group": "G2", "labels": "y"},
+    ]
+    table = _write_table(tmp_path / "in.tsv", rows)
+    with caplog.at_level(logging.WARNING):
+        assert _download_folder(table, tmp_path / "out") == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    a, b = tmp_path / "img/a.png", tmp_path / "img/b.png"
+    both = "in groups G1, G2: the same image can then sit in train and test"
+    assert f"{table}: {a} is listed 2 times {both}" in warned
+    assert f"{table}: {b} is listed 2 times in group 'G1': its instances count 2 times in that bag" in warned
+    assert not any("c.png" in w for w in warned)

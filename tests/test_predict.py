@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import zarr
 from PIL import Image
 
-from hamil.checkpoint import load_checkpoint, save_checkpoint
+from hamil.checkpoint import load_checkpoint, read_payload, save_checkpoint
 from hamil.cli import main
 from hamil.predict import bag_instances, crop_params_of, predict_images, read_bags
 from preprocessing.bags import BagParams, build_bags
@@ -184,7 +183,7 @@ def test_whole_image_checkpoint_gives_one_instance_per_image(
 def test_checkpoint_without_crop_uses_whole_images(
     trained: dict, user_bags: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ckpt = torch.load(trained["cells"]["checkpoint"], map_location="cpu", weights_only=True)
+    ckpt = read_payload(trained["cells"]["checkpoint"])
     del ckpt["store_attrs"]["crop"]  # as written before the bag store recorded it
     old = tmp_path / "old.pt"
     save_checkpoint(old, ckpt)
@@ -289,3 +288,25 @@ def test_empty_inputs_are_clear(trained: dict, tmp_path: Path, capsys) -> None:
     (tmp_path / "u.tsv").write_text("group\tpath\nb\tx.png\n")
     assert main([*args, "--inputs", str(tmp_path / "u.tsv")]) == 2
     _one_line_error(capsys, "u.tsv", "missing columns: bag")
+
+
+def test_huge_image_header_is_one_line(
+    trained: dict, user_bags: dict, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """An image whose header claims huge dimensions (PIL's decompression-bomb error, or more pixels than
+    HAMIL_MAX_IMAGE_PIXELS) is named in one line, like any unusable image, not a traceback."""
+    from test_io import huge_header_jpeg, huge_header_png
+
+    args = ["predict", "--checkpoint", str(trained["whole"]["checkpoint"]), "--out", str(tmp_path / "out")]
+    bags = tmp_path / "in"
+    shutil.copytree(user_bags["folder"], bags, ignore=shutil.ignore_patterns("*.tsv"))
+    first = sorted(p for p in bags.iterdir() if p.is_dir())[0]
+    bomb = huge_header_png(first / "zz_bomb.png", 60_000, 60_000)  # past PIL's own error limit
+    assert main([*args, "--inputs", str(bags)]) == 2
+    _one_line_error(capsys, str(bomb), "image too large")
+    bomb.unlink()
+    big = huge_header_jpeg(first / "zz_big.jpg", 3000, 2000)
+    monkeypatch.setenv("HAMIL_MAX_IMAGE_PIXELS", "1000000")
+    assert main([*args, "--inputs", str(bags)]) == 2
+    _one_line_error(capsys, f"{big}: image too large (3000 x 2000 = 6000000 pixels", "limit of 1000000")
+    assert not (tmp_path / "out").exists()

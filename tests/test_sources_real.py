@@ -355,7 +355,7 @@ def test_hpa_acquire_falls_back_to_old_table_path(site, tmp_path):
     url, s = site
     hpa_site(url, s)
     out = tmp_path / "hpa"
-    table = hpa.acquire(out, hpa.HpaOptions(base_url=url), downloader(tmp_path))
+    table = hpa.acquire(out, hpa.HpaOptions(base_url=url), downloader(tmp_path), max_bad_fraction=0.5)
     assert s.headers["/download/tsv/subcellular_location.tsv.zip"]
     assert table.columns.tolist() == list(hpa.IMAGES_TSV_COLUMNS)
     assert table["image_id"].tolist() == [
@@ -380,7 +380,7 @@ def test_hpa_acquire_per_channel_new_path_and_mirror(site, tmp_path):
     url, s = site
     hpa_site("https://images.proteinatlas.org", s, new_path=True)
     opts = hpa.HpaOptions(base_url=url, image_base_url=url, channels=("blue", "green"), max_genes=5)
-    table = hpa.acquire(tmp_path, opts, downloader(tmp_path), limit=2)
+    table = hpa.acquire(tmp_path, opts, downloader(tmp_path), limit=2, max_bad_fraction=0.5)
     assert "/download/subcellular_location.tsv.zip" not in s.headers
     assert {"path_blue", "path_green", "url_blue", "url_green"} <= set(table.columns)
     assert table["path"].tolist() == table["path_blue"].tolist()
@@ -391,6 +391,7 @@ def test_hpa_acquire_per_channel_new_path_and_mirror(site, tmp_path):
 def test_hpa_acquire_image_failures_and_missing_table(site, tmp_path):
     url, s = site
     hpa_site(url, s)
+    s.routes["/ENSG00000000003.xml"] = (200, gene_xml("ENSG00000000003", f"{url}/img"))  # same images
     s.routes["/img/4109/1832_C1_3_blue_red_green.jpg"] = (200, HTML)
     s.routes["/download/tsv/subcellular_location.tsv.zip"] = (403, b"Forbidden")  # 403 also moves on
     with pytest.raises(DownloadError, match="1 of 3 images failed"):

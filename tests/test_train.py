@@ -80,7 +80,7 @@ def test_training_is_reproducible_for_a_seed(tmp_path, store):
                 "7",
             ]
         )
-        return torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+        return load_checkpoint(tmp_path / name / "last.pt")["model"]
 
     a, b = run("a"), run("b")
     assert all(torch.equal(a[k], b[k]) for k in a)

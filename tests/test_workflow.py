@@ -205,3 +205,38 @@ def test_slurm_profile_dry_run(tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert "train_model" in out and "checkpoint download" in out
+
+
+def test_edits_to_a_folder_dataset_rerun_its_download(tmp_path):
+    """The folder table and the images it lists are inputs of the download job: after a run, editing a
+    label or replacing an image makes Snakemake plan the download again (and what depends on it)."""
+    from PIL import Image
+
+    images = tmp_path / "mine"
+    images.mkdir()
+    rows = ["path\tgroup\tlabels"]
+    for i in range(4):
+        Image.fromarray(np.full((6, 8, 3), 40 * i, np.uint8)).save(images / f"f{i}.png")
+        rows.append(f"f{i}.png\tw{i // 2}\t{'hit' if i < 2 else ''}")
+    table = images / "plate.tsv"
+    table.write_text("\n".join(rows) + "\n")
+    config = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    config["datasets"] = {"mine": {"source": "folder", "table": str(table)}}
+    configfile = tmp_path / "mine.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "acquire", "--cores", "1", "--configfile", str(configfile))
+    assert (tmp_path / "data/raw/mine/images.tsv").is_file()
+
+    def updated() -> str:
+        """The files a dry run says the download job must rerun for ("" when nothing is to be done)."""
+        out = snakemake(tmp_path, "acquire", "-n", "--configfile", str(configfile)).stdout
+        if "Nothing to be done" in out:
+            return ""
+        assert "checkpoint download:" in out, out
+        return next(line for line in out.splitlines() if "reason: Updated input files:" in line)
+
+    assert updated() == ""
+    table.write_text(table.read_text().replace("f2.png\tw1\t", "f2.png\tw1\thit"))  # a label changed
+    assert updated().endswith(f"Updated input files: {table}")
+    Image.fromarray(np.full((6, 8, 3), 250, np.uint8)).save(images / "f3.png")  # an image replaced
+    assert str(images / "f3.png") in updated()

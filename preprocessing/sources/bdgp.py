@@ -24,9 +24,10 @@ import io
 import logging
 import re
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAGE_RANGES: dict[int, str] = {1: "1-3", 2: "4-6", 3: "7-8", 4: "9-10", 5: "11-12", 6: "13-16"}
 ANNOT_COLUMNS: tuple[str, ...] = ("symbol", "cg", "fbgn", "stage", "term")
@@ -228,26 +230,50 @@ def detect_image_columns(
     return gene_col, stage_col, view_col, path_col  # type: ignore[return-value]
 
 
+def unsafe_path_reason(path: str) -> str | None:
+    """Why an image path of the remote images table may not become a file path, or None.
+
+    Real paths are relative, like ``img_dir_10/insitu10383.jpe``; an absolute path, a drive letter, a
+    backslash or a ``.``/``..`` part could write outside the data folder.
+    """
+    if path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", path):
+        return "absolute path"
+    if "\\" in path or "\x00" in path:
+        return "backslash or NUL in path"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "'.', '..' or empty part in path"
+    return None
+
+
 def parse_images(
     data: bytes,
     gene_keys: dict[str, str],
     name: str = "insitu_images.csv.gz",
     columns: tuple[int, int, int, int] | None = None,
+    refused: list[tuple[str, str, str]] | None = None,
 ) -> pd.DataFrame:
     """Parse the images table into ``gene, stage, view, path`` (gene = the key from ``gene_keys``).
 
     Rows whose path does not look like an image path (a header line, say), whose gene is unknown or
-    whose stage is not a code are skipped; :class:`InputError` naming ``name`` if nothing is left.
+    whose stage is not a code are skipped; :class:`InputError` naming ``name`` if nothing is left. A row
+    whose path could leave the data folder (see :func:`unsafe_path_reason`) is refused: appended to
+    ``refused`` as ``(path, "", reason)`` (a rejected-table row) and logged with its row number.
     """
     rows = _rows(_text(data, name))
     if not rows:
         raise InputError(f"{name}: empty images table")
     gene_col, stage_col, view_col, path_col = columns or detect_image_columns(rows, gene_keys, name)
     out, bad = [], 0
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         cells = [row[j] if j < len(row) else "" for j in (gene_col, stage_col, view_col, path_col)]
         gene, stage, path = gene_keys.get(cells[0]), _stage_code(cells[1]), cells[3]
-        if gene is None or stage is None or not PATH_RE.match(path) or ".." in path.split("/"):
+        reason = unsafe_path_reason(path) if path else None
+        if reason:
+            log.warning("%s: row %d refused: unsafe image path %r (%s)", name, number, path, reason)
+            if refused is not None:
+                refused.append((path, "", f"row {number} of {name}: unsafe image path ({reason})"))
+            continue
+        if gene is None or stage is None or not PATH_RE.match(path):
             bad += 1
             continue
         out.append((gene, stage, _view_of(cells[2]) or cells[2].lower(), path))
@@ -300,14 +326,22 @@ def _image_ids(groups: pd.DataFrame) -> list[str]:
 # ------------------------------------------------------------------------------------------- acquisition
 
 
-def _fetch_table(downloader: Downloader, url: str, dest: Path) -> bytes:
-    """Download a table (gzip expected, plain text tolerated); an HTML page is deleted and refused."""
+def _fetch_table(downloader: Downloader, url: str, dest: Path, parse: Callable[[bytes], T]) -> T:
+    """Download a table (gzip expected, plain text tolerated) and ``parse`` it.
+
+    An HTML page, or a table that does not parse (a corrupt gzip), is deleted with its manifest row
+    (:meth:`Downloader.discard`), so that no later run takes it for a good download, and refused.
+    """
     downloader.fetch(url, dest)
     data = dest.read_bytes()
     if sniff(data[:1024]) == "html":
-        dest.unlink()
+        downloader.discard(dest)
         raise DownloadError(f"{url}: got an HTML page, not a table")
-    return data
+    try:
+        return parse(data)
+    except InputError:
+        downloader.discard(dest)
+        raise
 
 
 def acquire(
@@ -336,11 +370,19 @@ def acquire(
         downloader = Downloader(policy, manifest=out_dir / "manifest.tsv")
     base = options.base_url.rstrip("/")
     annot_url, images_url = f"{base}/{options.annot_path}", f"{base}/{options.images_path}"
-    annot = parse_annotations(
-        _fetch_table(downloader, annot_url, out_dir / "raw" / "insitu_annot.csv.gz"), annot_url
+    annot = _fetch_table(
+        downloader,
+        annot_url,
+        out_dir / "raw" / "insitu_annot.csv.gz",
+        lambda data: parse_annotations(data, annot_url),
     )
-    raw_images = _fetch_table(downloader, images_url, out_dir / "raw" / "insitu_images.csv.gz")
-    images = parse_images(raw_images, _gene_keys(annot), images_url, options.image_columns)
+    refused: list[tuple[str, str, str]] = []
+    images = _fetch_table(
+        downloader,
+        images_url,
+        out_dir / "raw" / "insitu_images.csv.gz",
+        lambda data: parse_images(data, _gene_keys(annot), images_url, options.image_columns, refused),
+    )
     groups = build_groups(annot, images, options)
     if limit is not None:
         groups = groups[groups["group"].isin(sorted(groups["group"].unique())[: max(0, limit)])]
@@ -359,17 +401,22 @@ def acquire(
         },
         columns=list(IMAGES_TSV_COLUMNS),
     )
-    table = _download_images(table, out_dir, downloader, max_bad_fraction, images_url)
+    table = _download_images(table, out_dir, downloader, max_bad_fraction, images_url, refused)
     write_tsv(table, out_dir / "images.tsv")
     return table
 
 
 def _download_images(
-    table: pd.DataFrame, out_dir: Path, downloader: Downloader, max_bad_fraction: float, what: str
+    table: pd.DataFrame,
+    out_dir: Path,
+    downloader: Downloader,
+    max_bad_fraction: float,
+    what: str,
+    refused: list[tuple[str, str, str]],
 ) -> pd.DataFrame:
     items = [
         FetchItem(u, out_dir / p, expect="jpeg") for u, p in zip(table["url"], table["path"], strict=True)
     ]
     return finish_downloads(
-        table, items, list(range(len(items))), out_dir, downloader, max_bad_fraction, what
+        table, items, list(range(len(items))), out_dir, downloader, max_bad_fraction, what, refused
     )

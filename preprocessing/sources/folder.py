@@ -9,11 +9,15 @@ anything is written. Problems are listed in ``<out_dir>/rejected.tsv`` (columns 
 ``max_bad_fraction`` allows skipping them, one :class:`InputError` reports them all.
 
 The output ``<out_dir>/images.tsv`` has ``image_id, group, path, labels`` then the extra columns, with
-**absolute** paths (images are not copied, so the table stays valid wherever ``out_dir`` lies).
+**absolute** paths (images are not copied, so the table stays valid wherever ``out_dir`` lies). A rerun
+first removes the ``images.tsv`` and ``rejected.tsv`` of an earlier run, so a failed rerun never leaves an
+earlier ``images.tsv`` behind for the next stage. An image listed more than once (in one group or in
+several) is kept but warned about, naming the file and its groups: it could end up in two splits.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +42,8 @@ EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "group", "labels")
 REJECTED_COLUMNS: tuple[str, ...] = ("path", "reason")
 
+log = logging.getLogger(__name__)
+
 
 def prepare_folder(
     table: str | os.PathLike[str],
@@ -59,6 +65,7 @@ def prepare_folder(
     """
     table = Path(table)
     out_dir = Path(out_dir)
+    _remove_earlier_outputs(out_dir, table)
     check_fraction(max_bad_fraction)
     rows = read_table(table, REQUIRED_COLUMNS)
     if rows.empty:
@@ -67,6 +74,7 @@ def prepare_folder(
 
     ids = _image_ids(rows, table)
     resolved = [str(resolve_path(p.strip(), root)) for p in rows["path"]]
+    _warn_repeated_images(rows, resolved, table)
     reasons = _check_all(rows, resolved, workers)
     out_dir.mkdir(parents=True, exist_ok=True)
     _reject_unusable(rows, reasons, table, out_dir, max_bad_fraction)
@@ -74,6 +82,36 @@ def prepare_folder(
     out = out[[r is None for r in reasons]].reset_index(drop=True)
     write_tsv(out, out_dir / "images.tsv")
     return out
+
+
+def _remove_earlier_outputs(out_dir: Path, table: Path) -> None:
+    """Remove the ``images.tsv`` and ``rejected.tsv`` of an earlier run (never the input ``table``): a
+    failed rerun must not leave the earlier ``images.tsv`` beside its own ``rejected.tsv``."""
+    for name in ("images.tsv", "rejected.tsv"):
+        earlier = out_dir / name
+        if earlier.resolve() == table.resolve():
+            continue
+        if earlier.is_file() or earlier.is_symlink():
+            earlier.unlink()
+            log.info("removed %s of an earlier run", earlier)
+
+
+def _warn_repeated_images(rows: pd.DataFrame, resolved: list[str], table: Path, shown: int = 10) -> None:
+    """Warn about every image file listed more than once (the first ``shown``), naming its groups."""
+    groups: dict[str, list[str]] = {}
+    for cell, path, group in zip(rows["path"], resolved, rows["group"], strict=True):
+        if cell.strip():
+            groups.setdefault(os.path.normpath(path), []).append(group.strip())
+    repeated = [(path, names) for path, names in groups.items() if len(names) > 1]
+    for path, names in repeated[:shown]:
+        if len(set(names)) == 1:
+            effect = f"in group {names[0]!r}: its instances count {len(names)} times in that bag"
+        else:
+            listed = ", ".join(sorted(set(names)))
+            effect = f"in groups {listed}: the same image can then sit in train and test"
+        log.warning("%s: %s is listed %d times %s", table, path, len(names), effect)
+    if len(repeated) > shown:
+        log.warning("%s: %d more images are listed more than once", table, len(repeated) - shown)
 
 
 def _reject_unusable(

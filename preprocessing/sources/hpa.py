@@ -24,7 +24,7 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,7 +32,7 @@ import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, FetchItem
 from preprocessing.errors import InputError
-from preprocessing.io import check_fraction, write_json, write_tsv
+from preprocessing.io import check_fraction, check_rejected, write_json, write_tsv
 from preprocessing.sources.common import finish_downloads
 
 __all__ = [
@@ -66,6 +66,11 @@ LEVELS: tuple[str, ...] = ("Enhanced", "Validated", "Supported", "Approved", "Un
 # the top level was called "Validated" in v17 and "Enhanced" from v18: asking for one accepts both
 SYNONYMS: dict[str, str] = {"validated": "enhanced"}
 NEW_LOCATION_COLUMNS: tuple[str, ...] = ("Main location", "Additional location")
+# Names from remote files become file names: they must have the real forms (every Gene of the v17/v18
+# location tables and of the authors' labels is "ENSG" + 11 digits; image folders are numbers and field
+# names are like 1832_C1_2, si28_H2_13 or 1843_B2_17_cr5af971a263864).
+GENE_RE = re.compile(r"^ENSG\d{11}$")
+IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[_-][A-Za-z0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -292,21 +297,30 @@ def image_id_of(image_url: str) -> str:
 # ------------------------------------------------------------------------------------------- acquisition
 
 
+def check_gene_id(gene: str) -> str | None:
+    """Why a gene id from a remote table cannot be used in a file name, or None if it is an ENSG id."""
+    return None if GENE_RE.fullmatch(gene) else "not an Ensembl gene id (ENSG + 11 digits)"
+
+
 def _gene_images(
     genes: pd.DataFrame, out_dir: Path, downloader: Downloader, base: str
 ) -> tuple[list[IfImage], list[tuple[str, str, str]]]:
-    """Fetch and parse each gene's XML; (images, [(gene, url, reason)] for genes whose XML failed)."""
-    items = [
-        FetchItem(f"{base}/{g}.xml", out_dir / "raw" / "xml" / f"{g}.xml", expect="xml")
-        for g in genes["gene"]
-    ]
-    images, failed = [], []
-    for gene, res in zip(genes["gene"], downloader.fetch_many(items), strict=True):
+    """Fetch and parse each gene's XML; (images, [(gene, url, reason)] for genes refused or failed).
+
+    A gene id that is not an ENSG id (a hostile ``../../x`` or ``/abs`` row) is refused, never used.
+    """
+    failed = [(g, "", r) for g in genes["gene"] if (r := check_gene_id(g))]
+    valid = [g for g in genes["gene"] if check_gene_id(g) is None]
+    items = [FetchItem(f"{base}/{g}.xml", out_dir / "raw" / "xml" / f"{g}.xml", expect="xml") for g in valid]
+    images = []
+    for gene, res in zip(valid, downloader.fetch_many(items), strict=True):
         if res.error:
             failed.append((gene, res.item.url, res.error))
             continue
         try:
-            images += [im for im in parse_gene_xml(res.path, gene) if im.gene in ("", gene)]
+            images += [
+                replace(im, gene=gene) for im in parse_gene_xml(res.path, gene) if im.gene in ("", gene)
+            ]
         except InputError as err:
             failed.append((gene, res.item.url, str(err)))
     return images, failed
@@ -324,10 +338,12 @@ def acquire(
 
     ``limit`` (and ``options.max_genes``) keep the first genes of the location table. Composite images
     get the ``path``/``url`` columns; per-channel downloads add ``path_<c>``/``url_<c>`` per colour and
-    ``path``/``url`` are those of the first colour. Genes whose XML fails are listed in
-    ``<out_dir>/rejected_genes.tsv``; failed images in ``<out_dir>/rejected.tsv``: if more than
-    ``max_bad_fraction`` of them (or all) fail, :class:`DownloadError` is raised and ``images.tsv`` is not
-    written. Options and the release note are recorded in ``<out_dir>/source.json``.
+    ``path``/``url`` are those of the first colour. Genes whose XML fails, or whose id is not an ENSG
+    id (it would become a file name), are listed in ``<out_dir>/rejected_genes.tsv``; failed or
+    badly named images in ``<out_dir>/rejected.tsv``. If more than ``max_bad_fraction`` of the genes, or
+    of the images, (or all) fail, :class:`DownloadError` is raised and ``images.tsv`` is not written;
+    otherwise a warning says how many were left out and where they are listed. Options and the release
+    note are recorded in ``<out_dir>/source.json``.
     ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
     check_fraction(max_bad_fraction)
@@ -351,15 +367,24 @@ def acquire(
     if genes.empty:
         raise InputError(f"{loc_url}: no gene left after the reliability filter")
     images, bad_genes = _gene_images(genes, out_dir, downloader, base)
-    write_tsv(pd.DataFrame(bad_genes, columns=["gene", "url", "reason"]), out_dir / "rejected_genes.tsv")
+    check_rejected(
+        pd.DataFrame(bad_genes, columns=["gene", "url", "reason"], dtype=str),
+        len(genes),
+        out_dir / "rejected_genes.tsv",
+        max_bad_fraction,
+        loc_url,
+        DownloadError,
+        items="genes",
+        first_key="gene",
+    )
     if not images:
         raise InputError(
             f"{base}: no IF image found for {len(genes)} genes (see {out_dir}/rejected_genes.tsv)"
         )
-    table, items, rows = _image_table(
+    table, items, rows, refused = _image_table(
         images, genes.set_index("gene"), channels, options.image_base_url, out_dir
     )
-    table = finish_downloads(table, items, rows, out_dir, downloader, max_bad_fraction, loc_url)
+    table = finish_downloads(table, items, rows, out_dir, downloader, max_bad_fraction, loc_url, refused)
     record = {**asdict(options), "location_url": loc_url, "max_bad_fraction": max_bad_fraction}
     write_json(record, out_dir / "source.json")
     write_tsv(table, out_dir / "images.tsv")
@@ -372,13 +397,18 @@ def _image_table(
     channels: tuple[str, ...],
     image_base: str | None,
     out_dir: Path,
-) -> tuple[pd.DataFrame, list[FetchItem], list[int]]:
-    records, items, rows, seen = [], [], [], set()
+) -> tuple[pd.DataFrame, list[FetchItem], list[int], list[tuple[str, str, str]]]:
+    """Rows of images.tsv, their fetch items and rows, and ``(image_id, url, reason)`` of images whose
+    name (from the XML's ``imageUrl``) cannot be a file name."""
+    records, items, rows, seen, refused = [], [], [], set(), []
     for im in images:
         image_id = image_id_of(im.image_url)
         if image_id in seen:  # the same field listed twice (e.g. two data blocks)
             continue
         seen.add(image_id)
+        if not IMAGE_ID_RE.fullmatch(image_id):
+            refused.append((image_id, im.image_url, "image name is not <folder>_<plate>_<well>_<field>"))
+            continue
         urls = channel_urls(im.image_url, channels, image_base)
         paths = {c: f"images/{im.gene}/{image_id}_{c}.jpg" for c in channels}
         rec = {
@@ -397,4 +427,5 @@ def _image_table(
             items.append(FetchItem(urls[c], out_dir / paths[c], expect="jpeg"))
             rows.append(len(records))
         records.append(rec)
-    return pd.DataFrame(records), items, rows
+    table = pd.DataFrame(records) if records else pd.DataFrame(columns=list(IMAGES_TSV_COLUMNS))
+    return table, items, rows, refused

@@ -17,10 +17,13 @@ with an empty label take their locations from it.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import re
 import urllib.parse
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 IMAGES_TSV_COLUMNS: tuple[str, ...] = ("image_id", "group", "path", "labels", "source_field")
 REJECTED_COLUMNS: tuple[str, ...] = ("blob", "url", "reason")
 PATCH_RE = re.compile(r"^(?P<field>(?P<stem>.+?)_blue_red_green\.jpg)_(?P<k>\d+)\.jpg$", re.IGNORECASE)
-GENE_DIR_RE = re.compile(r"^ENSG\d+$")
+GENE_DIR_RE = re.compile(r"^ENSG\d{11}$")  # the real form: every gene of the authors' labels table
 
 
 @dataclass(frozen=True)
@@ -232,14 +235,18 @@ def _label_name(token: str, label_names: tuple[str, ...], path: Path) -> str:
 # -------------------------------------------------------------------------------------------- patches
 
 
-def scan_patches(data_dir: Path) -> pd.DataFrame:
+def scan_patches(data_dir: Path, files: Iterable[str] | None = None) -> pd.DataFrame:
     """``image_id, group, path, source_field`` of every ``<ENSG>/<field>_blue_red_green.jpg_<k>.jpg``.
 
-    ``path`` is relative to ``data_dir``; ``image_id`` is ``<field stem>_<k>`` (prefixed with the gene
-    when two genes share it). Sorted by group, field and patch number.
+    ``files``: only these paths (relative to ``data_dir``; the current archives' contents), else every
+    ``.jpg`` below ``data_dir``. ``path`` is relative to ``data_dir``; ``image_id`` is
+    ``<field stem>_<k>`` (prefixed with the gene when two genes share it). Sorted by group, field and
+    patch number.
     """
     rows = []
-    for path in sorted(Path(data_dir).rglob("*.jpg")):
+    data_dir = Path(data_dir)
+    paths = data_dir.rglob("*.jpg") if files is None else (data_dir / f for f in files)
+    for path in sorted(paths):
         match = PATCH_RE.match(path.name)
         if not match or not GENE_DIR_RE.match(path.parent.name):
             continue
@@ -262,7 +269,15 @@ def _select(listing: list[BlobInfo], wanted: tuple[str, ...], container_url: str
     missing = [w for w in wanted if w not in by_name]
     if missing:
         raise DownloadError(f"{container_url}: blob(s) not in the listing: {', '.join(missing)}")
-    return [by_name[check_blob_name(w, container_url)] for w in wanted]
+    chosen = [by_name[check_blob_name(w, container_url)] for w in wanted]
+    folders = {"/".join(w.split("/")[:k]) for w in wanted for k in range(1, w.count("/") + 1)}
+    clash = next((w for w in wanted if w in folders), None)
+    if clash is not None:
+        inner = next(w for w in wanted if w.startswith(clash + "/"))
+        raise DownloadError(
+            f"{container_url}: blob names {clash!r} and {inner!r} clash (one is a folder of the other)"
+        )
+    return chosen
 
 
 def acquire(
@@ -276,12 +291,14 @@ def acquire(
     """Download and unpack the authors' patch archives and write ``<out_dir>/images.tsv``; return it.
 
     Archives go to ``<out_dir>/raw/blobs/<name>`` (size and Content-MD5 checked; resumed if interrupted)
-    and are unpacked once into ``<out_dir>/data``. Here the unit that can fail is an archive, not an image:
-    archives that fail to download are listed in ``<out_dir>/rejected.tsv`` (``blob, url, reason``) and
-    left out; if more than ``max_bad_fraction`` of them (or all) fail, :class:`DownloadError` is raised
-    (the patches themselves are decoded, and unreadable ones rejected, by the crop stage). Genes without
-    a label are left out (logged). ``limit`` keeps the first ``limit`` genes of the table; the archives
-    are still downloaded whole.
+    and are unpacked once into ``<out_dir>/data``; ``images.tsv`` lists exactly the patches of the current
+    archives (a re-published archive is unpacked again and the files it dropped are deleted). Two blob
+    names where one is a folder of the other are refused. Here the unit that can fail is an archive, not
+    an image: archives that fail to download are listed in ``<out_dir>/rejected.tsv`` (``blob, url,
+    reason``) and left out; if more than ``max_bad_fraction`` of them (or all) fail,
+    :class:`DownloadError` is raised (the patches themselves are decoded, and unreadable ones rejected, by
+    the crop stage). Genes without a label are left out (logged). ``limit`` keeps the first ``limit``
+    genes of the table; the archives are still downloaded whole.
     ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
     check_fraction(max_bad_fraction)
@@ -300,12 +317,13 @@ def acquire(
         options.container_url,
     )
     data_dir = out_dir / "data"
-    for archive, url in _fetch_archives(chosen, options, out_dir, downloader, max_bad_fraction):
-        done = archive.with_name(archive.name + ".extracted")
-        if not done.is_file() or done.stat().st_mtime < archive.stat().st_mtime:
-            safe_extract_zip(archive, data_dir)
-            done.write_text(f"{url}\n")
-    patches = scan_patches(data_dir)
+    fetched = _fetch_archives(chosen, options, out_dir, downloader, max_bad_fraction)
+    listed = {archive: set(_read_marker(archive).get("files", [])) for archive, _ in fetched}
+    current: set[str] = set()
+    for archive, url in fetched:
+        others = set().union(*(f for a, f in listed.items() if a != archive))
+        current |= _unpack(archive, url, data_dir, others)
+    patches = scan_patches(data_dir, current)
     if patches.empty:
         raise InputError(f"{data_dir}: no patch named <ENSG>/<field>_blue_red_green.jpg_<k>.jpg found")
     patches["labels"] = [labels.get(g, "") for g in patches["group"]]
@@ -325,6 +343,43 @@ def acquire(
     return table
 
 
+def _marker(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".extracted")
+
+
+def _read_marker(archive: Path) -> dict:
+    """What ``<archive>.extracted`` says was unpacked (``{}`` if absent or of an older format)."""
+    try:
+        record = json.loads(_marker(archive).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and isinstance(record.get("files"), list) else {}
+
+
+def _unpack(archive: Path, url: str, data_dir: Path, others: set[str]) -> set[str]:
+    """Unpack ``archive`` into ``data_dir`` unless this very archive was unpacked already; its files.
+
+    The files (relative to ``data_dir``) are recorded in ``<archive>.extracted`` with the archive's size
+    and mtime. When a re-published archive is unpacked, files of its previous version that it no longer
+    holds (and no other archive lists in ``others``) are deleted, so patches of removed genes go away.
+    """
+    old = _read_marker(archive)
+    stat = archive.stat()
+    if old.get("url") == url and old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns:
+        return set(old["files"])
+    files = {p.relative_to(data_dir).as_posix() for p in safe_extract_zip(archive, data_dir)}
+    root = data_dir.resolve()
+    for stale in sorted(set(old.get("files", [])) - files - others):
+        path = data_dir / str(stale)
+        if path.resolve().is_relative_to(root) and path.is_file():
+            path.unlink()
+    record = {"url": url, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "files": sorted(files)}
+    tmp = _marker(archive).with_name(_marker(archive).name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, _marker(archive))
+    return files
+
+
 def _fetch_archives(
     chosen: list[BlobInfo],
     options: HpaPaperOptions,
@@ -339,6 +394,10 @@ def _fetch_archives(
     for blob in chosen:
         archive = out_dir / "raw" / "blobs" / blob.name
         url = blob_url(options.container_url, blob.name)
+        if not archive.resolve().is_relative_to((out_dir / "raw" / "blobs").resolve()):
+            raise DownloadError(
+                f"{options.container_url}: unsafe blob name {blob.name!r} (leaves the folder)"
+            )
         try:
             downloader.fetch(
                 url, archive, expect="zip", size=blob.size, md5_b64=blob.md5_b64, headers=headers

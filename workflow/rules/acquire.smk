@@ -32,6 +32,8 @@ checkpoint synth:
 
 
 checkpoint download:
+    input:
+        folder_inputs,  # source: folder: the user's table and images (edits rerun the download)
     output:
         images="data/raw/{ds}/images.tsv",
     wildcard_constraints:

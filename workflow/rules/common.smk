@@ -1,5 +1,6 @@
 # Helpers shared by the rules: config lookups and config -> CLI option strings.
 
+import csv
 import json
 import shlex
 import shutil
@@ -83,6 +84,35 @@ def crop_options(ds):
 def max_bad_fraction(ds):
     """The dataset's `max_bad_fraction`, else MAX_BAD_FRACTION."""
     return float(ds_config(ds).get("max_bad_fraction", MAX_BAD_FRACTION))
+
+
+def folder_inputs(wildcards):
+    """A `source: folder` dataset's table and the image files it lists, as inputs of its download job:
+    editing a label or replacing an image (a newer file) reruns the download and everything after it.
+
+    Paths are resolved as the folder source resolves them (`~` expanded, relative to `image_root`, else to
+    the table's folder). Listed files that do not exist are left out, so the download job itself reports
+    them (with max_bad_fraction); one that appears later changes the set of inputs, which reruns it too.
+    Other sources have no local inputs.
+    """
+    cfg = ds_config(wildcards.ds)
+    if cfg["source"] != "folder" or not cfg.get("table"):
+        return []
+    table = Path(cfg["table"]).expanduser()
+    root = Path(cfg["image_root"]).expanduser() if cfg.get("image_root") else table.parent
+    images = []
+    try:
+        with open(table, newline="") as fh:
+            for row in csv.DictReader(fh, delimiter="\t"):
+                cell = (row.get("path") or "").strip()
+                path = Path(cell).expanduser() if cell else None
+                if path is not None and not path.is_absolute():
+                    path = root / path
+                if path is not None and path.is_file():
+                    images.append(str(path))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass  # a missing or unreadable table: the download job says what is wrong with it
+    return [str(table), *sorted(set(images))]
 
 
 def shards(ds):
