@@ -1,7 +1,7 @@
 # HAMIL reproduction workflow. Every rule is a thin call of the `hamil` CLI.
 #   snakemake --cores all                                  full reproduction (config/config.yaml)
 #   snakemake --cores all --configfile config/demo.yaml    synthetic demo
-#   snakemake --cores all bags                             one stage (targets: acquire crop bags train evaluate figures compare)
+#   snakemake bags --cores all                             one stage (targets: acquire crop bags train evaluate figures compare)
 #   snakemake --report report.html                         browsable report of the figures and tables
 
 from snakemake.utils import min_version, validate

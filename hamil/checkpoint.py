@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 import random
@@ -23,8 +24,11 @@ from torch import nn
 
 from hamil.config import TrainConfig
 from hamil.models import MILModel, build_model
+from hamil.models.registry import Stochastic
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "hamil-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: the payload is stored as bytes with their SHA-256
@@ -132,20 +136,29 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> MILMode
     return model.to(device).eval()
 
 
-def check_resumable(path: Path, saved: TrainConfig, current: TrainConfig) -> None:
-    """Refuse to resume with a configuration that changes the computation (one line listing the fields)."""
+def check_resumable(
+    path: Path, ckpt: dict[str, Any], cfg: TrainConfig, store: Any, amp: torch.dtype | None
+) -> None:
+    """Everything a resumption from ``ckpt`` must agree on, each refusal one line naming the file.
+
+    The configuration (apart from ``TrainConfig.RESUMABLE_CHANGES``), the autocast type, and the bag store
+    (classes, and the fingerprint of its bags, splits and labels: checkpoints written before it was
+    recorded are checked on the class names only). Another CPU thread count is accepted with a warning:
+    reductions then sum in another order, so the result is close to an uninterrupted run, not identical.
+    """
+    saved = ckpt["config"]
     differ = [
-        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(current, f.name)!r}"
+        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}"
         for f in fields(TrainConfig)
-        if f.name not in TrainConfig.RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(current, f.name)
+        if f.name not in TrainConfig.RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)
     ]
     if differ:
         raise InputError(f"{path}: cannot resume with a different configuration ({'; '.join(differ)})")
-
-
-def check_same_store(path: Path, ckpt: dict[str, Any], store: Any) -> None:
-    """Refuse to resume on another bag store: other classes, or other bags, splits or labels (the store's
-    fingerprint; checkpoints written before it was recorded are only checked on the class names)."""
+    if ckpt.get("amp", str(amp)) != str(amp):
+        raise InputError(
+            f"{path}: trained with autocast {ckpt['amp']}, this device gives {amp}; "
+            "resume with the same --amp and device type"
+        )
     if ckpt["class_names"] != store.class_names:
         raise InputError(f"{path}: classes {ckpt['class_names']} differ from the store's {store.class_names}")
     recorded = (ckpt.get("store_attrs") or {}).get("fingerprint")
@@ -154,11 +167,20 @@ def check_same_store(path: Path, ckpt: dict[str, Any], store: Any) -> None:
             f"{path}: trained on another bag store than {store.path} (same classes, but other bags, splits "
             "or labels); resume on the store it was trained on, or start a new run"
         )
+    if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+        log.warning(
+            "%s was trained with %d CPU threads, resumed with %d: CPU reductions then sum in another order, "
+            "so the result is close to, but not bit-identical with, an uninterrupted run",
+            path,
+            ckpt["threads"],
+            torch.get_num_threads(),
+        )
 
 
 def capture_rng(model: nn.Module, device: torch.device) -> dict[str, Any]:
     """This process's random generators (torch, CUDA, NumPy's and Python's global ones, and those of
-    modules with ``rng_state()``, e.g. RAMIL's pairing order) as checkpoint-safe values."""
+    :class:`~hamil.models.registry.Stochastic` modules, e.g. RAMIL's pairing order) as checkpoint-safe
+    values."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002  (the legacy global RNG)
     version, py_state, py_gauss = random.getstate()
     return {
@@ -171,7 +193,7 @@ def capture_rng(model: nn.Module, device: torch.device) -> dict[str, Any]:
             "gauss": gauss,
         },
         "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-        "modules": {name: m.rng_state() for name, m in model.named_modules() if hasattr(m, "rng_state")},
+        "modules": {name: m.rng_state() for name, m in model.named_modules() if isinstance(m, Stochastic)},
     }
 
 

@@ -1,6 +1,7 @@
-"""``hamil <stage>``: one subcommand per pipeline stage, built from :data:`hamil.stages.STAGES`.
+"""hamil <stage>: one subcommand per stage of the HAMIL pipeline (hamil <stage> --help for its options).
 
-Bad input ends with one line on stderr and exit status 2; any other error is a bug and shows its traceback.
+Bad input ends with one line on stderr and exit status 2; any other error is a bug and shows its traceback
+(-v shows it for bad input too). The subcommands are built from the table in hamil/stages.py.
 """
 
 from __future__ import annotations
@@ -84,8 +85,19 @@ def _arg_type(hint: Any) -> tuple[Callable[[str], Any], str | None]:
     if typing.get_origin(hint) in (tuple, list):
         return args[0], "*" if typing.get_origin(hint) is list else "+"
     if typing.get_origin(hint) is dict:
-        return json.loads, None
+        return str, None  # a JSON object, parsed by json_object when the dataclass is built
     return hint, None
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    """A JSON object given on the command line as ``flag`` (``{"depth": 2}``); anything else is one line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{flag} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise InputError(f'{flag} must be a JSON object, e.g. {{"name": 1}}')
+    return value
 
 
 def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -103,8 +115,11 @@ def _instance(cls: type, args: argparse.Namespace) -> Any:
     for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
             value = getattr(args, f.name)
-            if isinstance(value, list) and typing.get_origin(hints[f.name]) is not list:
+            origin = typing.get_origin(hints[f.name])
+            if isinstance(value, list) and origin is not list:
                 value = tuple(value)
+            elif isinstance(value, str) and origin is dict:
+                value = json_object(value, "--" + f.name.replace("_", "-"))
             values[f.name] = value
     return cls(**values)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from preprocessing.errors import InputError
 
 SCHEDULES = ("constant", "cosine", "plateau")
+#: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``, ``mps``
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 MONITORS = ("macro_auc", "macro_f1", "micro_f1", "loss")
 
@@ -73,11 +76,15 @@ class TrainConfig:
             "schedule": self.schedule in SCHEDULES,
             "amp": self.amp in AMP_MODES,
             "monitor": self.monitor in MONITORS,
+            "threads": valid_threads(self.threads),
+            "device": valid_device(self.device),
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
+        check_options(checks, self, "training option")
+        if not isinstance(self.model_options, dict) or not all(
+            isinstance(k, str) for k in self.model_options
+        ):
             raise InputError(
-                "invalid training option(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+                f"model_options must be a JSON object of option names, got {self.model_options!r}"
             )
 
     def aggregator_options(self) -> dict[str, Any]:
@@ -98,3 +105,20 @@ class TrainConfig:
         if unknown:
             raise InputError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+def check_options(checks: dict[str, bool], values: Any, what: str = "option") -> None:
+    """Raise one :class:`InputError` naming every field of ``values`` whose check failed."""
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise InputError(f"invalid {what}(s): " + ", ".join(f"{n}={getattr(values, n)!r}" for n in bad))
+
+
+def valid_threads(threads: int | None) -> bool:
+    """``None`` (all cores) or a positive thread count."""
+    return threads is None or threads >= 1
+
+
+def valid_device(name: str) -> bool:
+    """A device name that :func:`hamil.runtime.select_device` accepts (CUDA presence is checked there)."""
+    return DEVICE_NAME.fullmatch(name) is not None

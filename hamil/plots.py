@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from hamil.tables import HISTORY_COLUMNS, probability_classes  # noqa: E402
+from hamil.tables import HISTORY_COLUMNS, PROB_PREFIX, probability_classes  # noqa: E402
 from preprocessing.io import atomic_path, read_table  # noqa: E402
 
 FORMATS = ("png", "svg")
@@ -84,7 +84,7 @@ def plot_roc(predictions_tsv: str | os.PathLike[str], dest: str | os.PathLike[st
     drawn = 0
     for name in classes:
         y = np.array([name in t for t in truth], dtype=int)
-        p = table[f"p_{name}"].to_numpy(dtype=float)
+        p = table[f"{PROB_PREFIX}{name}"].to_numpy(dtype=float)
         if 0 < y.sum() < len(y):
             fpr, tpr, _ = roc_curve(y, p)
             ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
@@ -127,7 +127,7 @@ def plot_tsne(
     explained: Any, class_names: list[str], dest: str | os.PathLike[str], seed: int = 0, title: str = ""
 ) -> tuple[int, int]:
     """tSNE of instance features (before aggregation) and bag features (after), coloured by the first
-    label of the (instance's) bag. ``explained`` is a :class:`hamil.predict.Explained`.
+    label of the (instance's) bag. ``explained`` is a :class:`hamil.inference.Explained`.
 
     Returns ``(instance points, bag points)``: one point per bag; instances are subsampled (seeded) to at
     most :data:`MAX_TSNE_INSTANCES`.

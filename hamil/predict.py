@@ -316,19 +316,19 @@ def predict_images(
         params.instance_shape,
         dev,
     )
-    done, probs, instance_rows, skipped = _run(model, bags, params, dev, batch_bags, instance_scores)
-    _warn_large_bags(done, ckpt.get("store_attrs") or {})
+    limit = ((ckpt.get("store_attrs") or {}).get("bags") or {}).get("max_bag_size")
+    done, probs, instance_rows, skipped = _run(model, bags, params, dev, batch_bags, instance_scores, limit)
     _write_outputs(out, done, probs, class_names, cut, instance_rows, skipped, instance_scores)
     return out
 
 
-def _warn_large_bags(done: Sequence[tuple[str, int]], store_attrs: dict) -> None:
+def _warn_large_bags(batch: Sequence[InstanceBag], limit: int | None) -> None:
     """Training bags held at most ``max_bag_size`` instances; bags with many more instances are out of
-    distribution (and slow for tree models, whose depth grows with the bag)."""
-    limit = (store_attrs.get("bags") or {}).get("max_bag_size")
+    distribution (and slow for tree models, whose depth grows with the bag). Said as soon as a batch is
+    cut, before it is classified."""
     if limit is None:
         return
-    large = [bag for bag, n_instances in done if n_instances > int(limit)]
+    large = [b.bag for b in batch if len(b.patches) > int(limit)]
     if large:
         log.warning(
             "%d bag(s) have more instances than the training bags had (max_bag_size %d), e.g. %s; "
@@ -355,6 +355,7 @@ def _run(
     device: torch.device,
     batch_bags: int,
     explain: bool,
+    max_bag_size: int | None = None,
 ) -> tuple[list[tuple[str, int]], np.ndarray, list[dict], list[dict]]:
     """Crop and classify batch by batch; only one batch's patches are in memory at a time.
 
@@ -377,6 +378,7 @@ def _run(
             )
         if not batch:
             continue
+        _warn_large_bags(batch, max_bag_size)
         p, scores = _score_batch(model, batch, device, explain)  # (b, K), (n,)
         probs.append(p)
         if scores is not None:

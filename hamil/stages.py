@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import typing
 from collections.abc import Callable
@@ -20,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hamil.config import TrainConfig
+from hamil.config import TrainConfig, check_options, valid_device, valid_threads
 from preprocessing.bags import BagParams
 from preprocessing.crop import CropParams
 from preprocessing.errors import InputError
+from preprocessing.io import DEFAULT_MAX_BAD_FRACTION, check_fraction
 from preprocessing.sources.synthetic import SynthParams
 
 log = logging.getLogger("hamil")
@@ -48,12 +48,6 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any
     return field(default=default, metadata=metadata)
 
 
-def _check(checks: dict[str, bool], values: Any) -> None:
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise InputError("invalid option(s): " + ", ".join(f"{n}={getattr(values, n)!r}" for n in bad))
-
-
 # ---- acquire, crop, bags ---------------------------------------------------------------------------------
 
 
@@ -63,7 +57,7 @@ class SynthJob:
     workers: int = opt(1, "parallel processes rendering fields")
 
     def __post_init__(self) -> None:
-        _check({"workers": self.workers >= 1}, self)
+        check_options({"workers": self.workers >= 1}, self)
 
 
 @dataclass
@@ -73,24 +67,19 @@ class DownloadJob:
     )
     out: str = opt(help="output folder (images.tsv is written there)")
     max_bad_fraction: float = opt(
-        0.05, "images that may fail (fraction) before the stage fails; they are listed in rejected.tsv"
+        DEFAULT_MAX_BAD_FRACTION,
+        "images (genes, archives) that may fail (fraction) before the stage fails; listed in rejected.tsv",
     )
     table: str | None = opt(None, "folder: TSV with path, group, labels (labels may be empty: negatives)")
     image_root: str | None = opt(None, "folder: base of relative paths (default: the table's folder)")
     limit: int | None = opt(None, "hpa, hpa_paper, bdgp: only the first N groups (a quick try)")
-    options: str = opt("{}", "hpa, hpa_paper, bdgp: the source's options as a JSON object")
+    options: dict[str, Any] = opt({}, "hpa, hpa_paper, bdgp: the source's options as a JSON object")
     retries: int = opt(5, "hpa, hpa_paper, bdgp: attempts after the first for transient failures (back-off)")
     workers: int = opt(1, "parallel processes checking images (folder)")
 
     def __post_init__(self) -> None:
-        _check(
-            {
-                "max_bad_fraction": 0 <= self.max_bad_fraction <= 1,
-                "workers": self.workers >= 1,
-                "retries": self.retries >= 0,
-            },
-            self,
-        )
+        check_fraction(self.max_bad_fraction)
+        check_options({"workers": self.workers >= 1, "retries": self.retries >= 0}, self)
         if self.source == "folder" and not self.table:
             raise InputError("hamil download folder: --table (path, group, labels) is required")
 
@@ -103,19 +92,21 @@ class CropJob:
     shard: int = opt(0, "which shard of images.tsv to crop (0-based)")
     num_shards: int = opt(1, "into how many shards images.tsv is cut")
     boxes: str | None = opt(None, "true cell boxes (boxes.tsv) to report crop recall")
-    max_bad_fraction: float = opt(0.05, "unreadable images (fraction) allowed before the stage fails")
+    max_bad_fraction: float = opt(
+        DEFAULT_MAX_BAD_FRACTION, "unreadable images (fraction) allowed before the stage fails"
+    )
     workers: int = opt(1, "parallel processes")
 
     def __post_init__(self) -> None:
-        _check(
+        check_options(
             {
                 "shard": 0 <= self.shard < max(self.num_shards, 1),
                 "num_shards": self.num_shards >= 1,
-                "max_bad_fraction": 0 <= self.max_bad_fraction <= 1,
                 "workers": self.workers >= 1,
             },
             self,
         )
+        check_fraction(self.max_bad_fraction)
 
 
 @dataclass
@@ -145,8 +136,8 @@ def run_download(job: DownloadJob) -> None:
         from preprocessing.sources.folder import prepare_folder
 
         table = prepare_folder(
-            job.table,
-            out,
+            table=job.table,
+            out_dir=out,
             image_root=job.image_root,
             max_bad_fraction=job.max_bad_fraction,
             workers=job.workers,
@@ -154,23 +145,22 @@ def run_download(job: DownloadJob) -> None:
     else:
         module_name, options_name = DOWNLOAD_SOURCES[job.source]
         module = importlib.import_module(module_name)
-        options = options_from_json(getattr(module, options_name), job.options)
         table = module.acquire(
-            out, options, limit=job.limit, max_bad_fraction=job.max_bad_fraction, retries=job.retries
+            out_dir=out,
+            options=options_of(getattr(module, options_name), job.options),
+            limit=job.limit,
+            max_bad_fraction=job.max_bad_fraction,
+            retries=job.retries,
         )
     log.info(
         "%s: %d images of %d groups -> %s/images.tsv", job.source, len(table), table["group"].nunique(), out
     )
 
 
-def options_from_json(cls: type, text: str) -> Any:
-    """A source's options dataclass from a JSON object; unknown keys are named; lists become tuples."""
-    try:
-        values = json.loads(text or "{}")
-    except json.JSONDecodeError as err:
-        raise InputError(f"--options is not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise InputError("--options must be a JSON object")
+def options_of(cls: type, values: dict[str, Any]) -> Any:
+    """A source's options dataclass from the ``--options`` object; unknown keys are named; lists become
+    tuples, strings become paths where the field is a path."""
+    values = dict(values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -190,12 +180,12 @@ def run_crop(job: CropJob, params: CropParams) -> None:
     from preprocessing.crop import crop_shard
 
     stats = crop_shard(
-        Path(job.images),
-        job.shard,
-        job.num_shards,
-        Path(job.out_zarr),
-        Path(job.out_tsv),
-        params,
+        images_tsv=Path(job.images),
+        shard=job.shard,
+        num_shards=job.num_shards,
+        out_zarr=Path(job.out_zarr),
+        out_tsv=Path(job.out_tsv),
+        params=params,
         workers=job.workers,
         boxes_tsv=Path(job.boxes) if job.boxes else None,
         max_bad_fraction=job.max_bad_fraction,
@@ -207,7 +197,13 @@ def run_bags(job: BagsJob, params: BagParams) -> None:
     from preprocessing.bags import build_bags
 
     stats = build_bags(
-        job.tables, job.stores, job.out_store, job.out_table, params, source=job.source, workers=job.workers
+        shard_tables=job.tables,
+        shard_stores=job.stores,
+        dest_store=job.out_store,
+        dest_table=job.out_table,
+        params=params,
+        source=job.source,
+        workers=job.workers,
     )
     log.info("bags: %s", stats)
 
@@ -237,12 +233,13 @@ class EvaluateParams:
     threads: int | None = opt(None, "torch CPU threads (default: all cores)")
 
     def __post_init__(self) -> None:
-        _check(
+        check_options(
             {
                 "tune_split": self.tune_split in (None, "train", "val"),
                 "threshold": 0 <= self.threshold <= 1,
                 "batch_bags": self.batch_bags >= 1,
-                "threads": self.threads is None or self.threads >= 1,
+                "threads": valid_threads(self.threads),
+                "device": valid_device(self.device),
             },
             self,
         )
@@ -263,10 +260,13 @@ class FigureParams:
     threads: int | None = opt(None, "torch CPU threads (default: all cores)")
 
     def __post_init__(self) -> None:
-        _check(
-            {"bags": self.bags >= 1, "instances": self.instances >= 1, "batch_bags": self.batch_bags >= 1},
-            self,
-        )
+        checks = {
+            "bags": self.bags >= 1,
+            "instances": self.instances >= 1,
+            "batch_bags": self.batch_bags >= 1,
+        }
+        checks |= {"threads": valid_threads(self.threads), "device": valid_device(self.device)}
+        check_options(checks, self)
 
 
 @dataclass
@@ -294,7 +294,8 @@ class PredictParams:
     device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
     def __post_init__(self) -> None:
-        _check({"threshold": 0 <= self.threshold <= 1, "batch_bags": self.batch_bags >= 1}, self)
+        checks = {"threshold": 0 <= self.threshold <= 1, "batch_bags": self.batch_bags >= 1}
+        check_options({**checks, "device": valid_device(self.device)}, self)
 
 
 @dataclass
@@ -318,10 +319,10 @@ class MilBenchParams:
     batch_bags: int = opt(1, "bags per SGD step (paper: 1)")
     seed: int = opt(0, "seed of folds and initialisation")
     threads: int | None = opt(None, "torch.set_num_threads (default: leave torch's choice)")
-    model_options: str = opt("{}", 'aggregator options as JSON, e.g. {"hamil": {"kernel_size": 3}}')
+    model_options: dict[str, Any] = opt({}, 'aggregator options as JSON, e.g. {"hamil": {"kernel_size": 3}}')
 
     def __post_init__(self) -> None:
-        _check(
+        check_options(
             {
                 "folds": self.folds >= 2,
                 "repeats": self.repeats >= 1,
@@ -329,9 +330,14 @@ class MilBenchParams:
                 "lr": self.lr > 0,
                 "batch_bags": self.batch_bags >= 1,
                 "dropout": 0 <= self.dropout < 1,
+                "threads": valid_threads(self.threads),
             },
             self,
         )
+        if not all(isinstance(v, dict) for v in self.model_options.values()):
+            raise InputError(
+                '--model-options must be a JSON object of objects, e.g. {"hamil": {"kernel_size": 3}}'
+            )
 
 
 def run_train(cfg: TrainConfig, job: TrainJob) -> None:
@@ -346,9 +352,9 @@ def run_evaluate(p: EvaluateParams) -> None:
 
     set_threads(p.threads)
     metrics = evaluate(
-        p.checkpoint,
-        p.store,
-        p.out_dir,
+        checkpoint=p.checkpoint,
+        store_path=p.store,
+        out_dir=p.out_dir,
         split=p.split,
         device=p.device,
         batch_bags=p.batch_bags,
@@ -370,8 +376,8 @@ def run_figures(p: FigureParams) -> None:
 
     set_threads(p.threads)
     written = draw_run_figures(
-        p.run_dir,
-        p.store,
+        run_dir=p.run_dir,
+        store_path=p.store,
         split=p.split,
         compare_runs=p.compare_run,
         bags_shown=p.bags,
@@ -387,16 +393,16 @@ def run_figures(p: FigureParams) -> None:
 def run_compare(p: CompareParams) -> None:
     from hamil.compare import compare
 
-    print(compare(p.metrics, p.out_tsv, p.out_md, title=p.title, reference=p.reference))
+    print(compare(paths=p.metrics, out_tsv=p.out_tsv, out_md=p.out_md, title=p.title, reference=p.reference))
 
 
 def run_predict(p: PredictParams) -> None:
     from hamil.predict import predict_images
 
     out = predict_images(
-        p.checkpoint,
-        p.inputs,
-        p.out,
+        checkpoint=p.checkpoint,
+        inputs=p.inputs,
+        out_dir=p.out,
         threshold=p.threshold,
         thresholds=p.thresholds,
         instance_scores=p.instance_scores,
@@ -409,17 +415,11 @@ def run_predict(p: PredictParams) -> None:
 def run_mil_bench(p: MilBenchParams) -> None:
     from hamil import mil_bench
 
-    try:
-        options = json.loads(p.model_options)
-    except json.JSONDecodeError as err:
-        raise InputError(f"--model-options is not valid JSON ({err})") from None
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise InputError(
-            '--model-options must be a JSON object of objects, e.g. {"hamil": {"kernel_size": 3}}'
-        )
     cv = {k: getattr(p, k) for k in ("folds", "repeats", "epochs", "lr", "momentum", "weight_decay")}
     cv |= {"dropout": p.dropout, "batch_bags": p.batch_bags, "seed": p.seed, "threads": p.threads}
-    summary = mil_bench.run_mil_bench(p.input, p.out_dir, p.models, options=options, **cv)
+    summary = mil_bench.run_mil_bench(
+        path=p.input, out_dir=p.out_dir, models=p.models, options=p.model_options, **cv
+    )
     print((Path(p.out_dir) / "summary.md").read_text(), end="")
     log.info("mil-bench: %d models; tables in %s", len(summary), p.out_dir)
 

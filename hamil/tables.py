@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from preprocessing.io import BOX_COLUMNS
+
 #: ``history.csv``: one row per epoch, written by training, read by the curves figure.
 HISTORY_COLUMNS = (
     "epoch",
@@ -25,7 +27,7 @@ HISTORY_COLUMNS = (
 #: The prefix of a class's probability column in prediction tables.
 PROB_PREFIX = "p_"
 #: ``instances.tsv`` of ``hamil predict``: every instance's window in its image and its score.
-INSTANCE_COLUMNS = ("bag", "path", "x0", "y0", "x1", "y1", "score")
+INSTANCE_COLUMNS = ("bag", "path", *BOX_COLUMNS, "score")
 #: ``skipped.tsv`` of ``hamil predict``: bags that gave no instance.
 SKIPPED_COLUMNS = ("bag", "n_images", "reason")
 

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from hamil.checkpoint import (
     capture_rng,
     check_resumable,
-    check_same_store,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -142,6 +141,11 @@ def build_run(cfg: TrainConfig, ctx: DistContext) -> Run:
         for name in RUN_FILES:  # temporary files of a run killed while writing them
             remove_stale_temps(Path(cfg.out_dir) / name)
     store = BagStore(cfg.store)
+    if cfg.batch_bags < ctx.world:
+        raise InputError(
+            f"batch_bags {cfg.batch_bags} is the global batch: it needs at least one bag per rank "
+            f"({ctx.world} ranks)"
+        )
     train_bags, val_bags = store.bags_in("train"), store.bags_in("val")
     if len(train_bags) < ctx.world or len(val_bags) == 0:
         raise InputError(
@@ -305,7 +309,7 @@ def resume_state(run: Run) -> TrainState:
     """Load ``last.pt`` into the run's model, optimizer, schedule, scaler and generators; its loop state.
 
     No ``last.pt`` yet: a fresh state. Every rank must see the same file (their collectives would
-    otherwise drift apart), and the configuration and autocast type must match (:func:`check_resumable`).
+    otherwise drift apart), and configuration, autocast type and store must match (:func:`check_resumable`).
     """
     path = run.out / "last.pt"
     ckpt = load_checkpoint(path, num_classes=len(run.store.class_names)) if path.is_file() else None
@@ -317,21 +321,7 @@ def resume_state(run: Run) -> TrainState:
     if ckpt is None:
         log.info("resume: no %s yet, starting from the beginning", path)
         return TrainState()
-    if ckpt.get("amp", str(run.amp_dtype)) != str(run.amp_dtype):
-        raise InputError(
-            f"{path}: trained with autocast {ckpt['amp']}, this device gives {run.amp_dtype}; "
-            "resume with the same --amp and device type"
-        )
-    check_resumable(path, ckpt["config"], run.cfg)
-    check_same_store(path, ckpt, run.store)
-    if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads():
-        log.warning(
-            "%s was trained with %d CPU threads, resumed with %d: CPU reductions then sum in another order, "
-            "so the result is close to, but not bit-identical with, an uninterrupted run",
-            path,
-            ckpt["threads"],
-            torch.get_num_threads(),
-        )
+    check_resumable(path, ckpt, run.cfg, run.store, run.amp_dtype)
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if run.scheduler is not None:

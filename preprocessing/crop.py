@@ -24,10 +24,10 @@ from preprocessing import boxes as bx
 from preprocessing.errors import InputError
 from preprocessing.io import (
     BOX_COLUMNS,
+    DEFAULT_MAX_BAD_FRACTION,
     IMAGES_COLUMNS,
     PATCH_COLUMNS,
     atomic_path,
-    check_fraction,
     check_rejected,
     read_image,
     read_images_table,
@@ -226,7 +226,7 @@ def crop_shard(
     params: CropParams,
     workers: int = 1,
     boxes_tsv: Path | None = None,
-    max_bad_fraction: float = 0.05,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> dict[str, Any]:
     """Crop the fields of one shard of ``images.tsv`` (rows ``i`` with ``i % num_shards == shard``).
 
@@ -251,7 +251,6 @@ def crop_shard(
         raise InputError(f"shard must be in [0, {num_shards}); got {shard}")
     if workers < 1:
         raise InputError(f"workers must be >= 1; got {workers}")
-    check_fraction(max_bad_fraction)
     table = read_images_table(images_tsv)
     rows = table.iloc[shard::num_shards].reset_index(drop=True)
     truth = _read_true_boxes(Path(boxes_tsv)) if boxes_tsv is not None else None

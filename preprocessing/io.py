@@ -159,6 +159,11 @@ def resolve_path(cell: str, base: Path) -> Path:
     return path if path.is_absolute() else Path(base) / path
 
 
+#: Fraction of a data set's items (images, genes, archives) that may fail and be skipped, in every stage
+#: that skips bad items (acquire, crop), unless the data set sets its own ``max_bad_fraction``.
+DEFAULT_MAX_BAD_FRACTION = 0.05
+
+
 def check_fraction(value: float, name: str = "max_bad_fraction") -> float:
     """``value`` if it lies in [0, 1], else :class:`InputError` naming ``name`` and the value."""
     if not 0.0 <= value <= 1.0:

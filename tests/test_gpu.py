@@ -22,6 +22,7 @@ import torch
 from hamil.checkpoint import load_checkpoint, model_from_checkpoint
 from hamil.cli import main
 from hamil.config import TrainConfig
+from hamil.models import build_model
 from hamil.train import KILL_AFTER_ENV, amp_dtype, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,3 +85,19 @@ def test_gpu_checkpoint_evaluates_on_the_cpu(tmp_path, small_store):
     assert main([*args, "--out-dir", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
     cpu, gpu = (pd.read_csv(tmp_path / d / "predictions.tsv", sep="\t") for d in ("cpu", "gpu"))
     np.testing.assert_allclose(gpu.filter(like="p_"), cpu.filter(like="p_"), atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["mean", "attention", "gated_attention", "si", "nan", "deepmiml"])
+def test_non_tree_models_train_without_host_synchronisation(name):
+    """Forward, loss and backward of the models without a tree never wait for the GPU (the loop then
+    synchronises once per optimizer step); HAMIL's tree is built on the host, so it must."""
+    model = build_model(name, 5).cuda().train()
+    images = torch.randint(0, 256, (11, 3, 64, 64), dtype=torch.uint8).cuda()
+    sizes, labels = torch.tensor([3, 1, 7]).cuda(), (torch.rand(3, 5) < 0.5).float().cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, loss = model(images, sizes, labels)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

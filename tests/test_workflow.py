@@ -99,6 +99,8 @@ def test_end_to_end_tiny(tmp_path):
     """config/tiny.yaml (synthetic fields, cells cut) plus a user's own folder as a second data set: one
     class, negative bags kept, whole images as instances, shards sized by fields through the checkpoint."""
     config = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    del config["datasets"]["tiny"]["shards"]  # shards sized by field count: the acquire job is a checkpoint
+    config["datasets"]["tiny"]["fields_per_shard"] = 9
     config["datasets"]["screen"] = {
         "source": "folder",
         "table": str(_screening_folder(tmp_path)),
@@ -114,10 +116,11 @@ def test_end_to_end_tiny(tmp_path):
     assert {"macro_auc", "macro_f1", "micro_f1", "subset_accuracy"} <= set(metrics)
     bags = pd.read_csv(tmp_path / "data/processed/screen/bags.tsv", sep="\t", keep_default_na=False)
     assert len(bags) == 12 and (bags["labels"] == "").sum() == 8
-    shards = [
-        s for s in (tmp_path / "data/interim/screen/patches").glob("*.tsv") if ".rejected" not in s.name
-    ]
-    assert len(shards) == -(-36 // 12) > 1
+    for ds, per_shard in (("screen", 12), ("tiny", 9)):  # a folder and a synthetic (checkpoint) source
+        fields = len(pd.read_csv(tmp_path / f"data/raw/{ds}/images.tsv", sep="\t"))
+        patches = tmp_path / f"data/interim/{ds}/patches"
+        shards = [s for s in patches.glob("*.tsv") if ".rejected" not in s.name]
+        assert len(shards) == -(-fields // per_shard) > 1, ds
     results = tmp_path / "results/tiny"
     table = pd.read_csv(results / "comparison.tsv", sep="\t")
     assert list(table["model"]) == ["hamil", "mean"]

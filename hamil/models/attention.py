@@ -76,7 +76,7 @@ class NeuralAggregation(Aggregator):
         a0 = segment_softmax(f @ self.q0, bag_sizes)  # (N,)
         r0 = weighted_sum(f, a0, bag_sizes)  # (B, C)
         q1 = torch.tanh(self.transfer(r0))  # (B, C)
-        index = bag_index(bag_sizes.to(f.device))
+        index = bag_index(bag_sizes.to(f.device), f.shape[0])
         a1 = segment_softmax((f * q1[index]).sum(1), bag_sizes)  # (N,)
         return AggregatorOutput(weighted_sum(features, a1, bag_sizes), a1)  # (B, C, h, w)
 
@@ -103,7 +103,7 @@ class DeepMIML(Aggregator):
         h = self.embed(pool(features))  # (N, E)
         s = self.sub_concept(h).view(-1, self.num_classes, self.sub_concepts)  # (N, K, M)
         instance_label = s.amax(dim=2)  # (N, K)
-        index = bag_index(bag_sizes.to(h.device)).view(-1, 1).expand_as(instance_label)
+        index = bag_index(bag_sizes.to(h.device), h.shape[0]).view(-1, 1).expand_as(instance_label)
         bags = instance_label.new_zeros((len(bag_sizes), self.num_classes))
         bags = bags.scatter_reduce(0, index, instance_label, reduce="amax", include_self=False)  # (B, K)
         return AggregatorOutput(bags, instance_label.amax(dim=1))

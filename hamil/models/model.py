@@ -73,7 +73,7 @@ class MILModel(nn.Module):
             logits = self._mean_probability_logits(instance_logits, bag_sizes)  # (B, K)
             if labels is None:
                 return logits, None
-            target = labels[bag_index(bag_sizes.to(labels.device))]  # (N, K)
+            target = labels[bag_index(bag_sizes.to(labels.device), images.shape[0])]  # (N, K)
             return logits, _summed_bce(instance_logits, target)
         logits = self.forward_head(self.forward_features(images, bag_sizes).bags)  # (B, K)
         return logits, (None if labels is None else _summed_bce(logits, labels))
@@ -101,7 +101,8 @@ class MILModel(nn.Module):
         else:
             logits = self.forward_head(out.bags)
         if scores is None:
-            scores = F.cosine_similarity(inst, bags[bag_index(bag_sizes.to(inst.device))], dim=1)  # (N,)
+            index = bag_index(bag_sizes.to(inst.device), inst.shape[0])
+            scores = F.cosine_similarity(inst, bags[index], dim=1)  # (N,)
         return Explanation(logits, bags, inst, scores)
 
 

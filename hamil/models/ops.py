@@ -13,9 +13,11 @@ def pool(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).mean(-1) if x.dim() > 2 else x
 
 
-def bag_index(bag_sizes: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` index of the bag each instance belongs to."""
-    return torch.repeat_interleave(torch.arange(len(bag_sizes), device=bag_sizes.device), bag_sizes)
+def bag_index(bag_sizes: torch.Tensor, total: int) -> torch.Tensor:
+    """``(N,)`` index of the bag each instance belongs to; ``total`` is ``N`` (given, so that a GPU need
+    not report the sum of ``bag_sizes`` back to the host: no synchronisation)."""
+    bags = torch.arange(len(bag_sizes), device=bag_sizes.device)
+    return torch.repeat_interleave(bags, bag_sizes, output_size=total)
 
 
 def bag_slices(bag_sizes: torch.Tensor) -> list[slice]:
@@ -28,12 +30,12 @@ def bag_slices(bag_sizes: torch.Tensor) -> list[slice]:
 def segment_sum(features: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
     """Sum of each bag's instance features: ``(N, ...)`` -> ``(B, ...)``."""
     out = features.new_zeros((len(bag_sizes), *features.shape[1:]))
-    return out.index_add(0, bag_index(bag_sizes.to(features.device)), features)
+    return out.index_add(0, bag_index(bag_sizes.to(features.device), features.shape[0]), features)
 
 
 def segment_softmax(scores: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
     """Softmax of ``scores (N,)`` within each bag (instances contiguous)."""
-    index = bag_index(bag_sizes.to(scores.device))
+    index = bag_index(bag_sizes.to(scores.device), scores.shape[0])
     top = scores.new_full((len(bag_sizes),), -torch.inf).scatter_reduce(0, index, scores, reduce="amax")
     exp = torch.exp(scores - top[index])
     return exp / segment_sum(exp, bag_sizes)[index]

@@ -32,7 +32,8 @@ class MaxPool(Aggregator):
         self.out_channels = channels
 
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
-        index = bag_index(bag_sizes.to(features.device)).view(-1, *[1] * (features.dim() - 1))
+        index = bag_index(bag_sizes.to(features.device), features.shape[0])
+        index = index.view(-1, *[1] * (features.dim() - 1))
         out = features.new_zeros((len(bag_sizes), *features.shape[1:]))
         out = out.scatter_reduce(0, index.expand_as(features), features, reduce="amax", include_self=False)
         return AggregatorOutput(out, None)  # (B, C, h, w)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -14,6 +14,15 @@ from preprocessing.errors import InputError
 
 #: What an instance score is when the aggregator has none of its own (paper Fig. 7).
 COSINE_SCORE = "cosine similarity with the bag feature"
+
+
+@runtime_checkable
+class Stochastic(Protocol):
+    """A module with a random generator of its own (e.g. RAMIL's pairing order) that checkpoints save."""
+
+    def rng_state(self) -> str: ...
+
+    def set_rng_state(self, state: str) -> None: ...
 
 
 class AggregatorOutput(NamedTuple):
@@ -93,15 +102,17 @@ def create(name: str, channels: int, num_classes: int | None = None, **options: 
 
     ``num_classes`` is passed on only to aggregators that take it (those that output logits themselves).
     """
-    cls = model_info(name).cls
-    params = inspect.signature(cls).parameters
-    if "num_classes" in params:
+    info = model_info(name)
+    accepted = set(inspect.signature(info.cls).parameters) - {"channels", "unit", "num_classes"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "none"
+        raise InputError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: {takes}")
+    if info.provides_logits:  # the aggregator outputs the K logits itself
         if num_classes is None:
             raise ValueError(f"model {name!r} needs num_classes")
         options = {**options, "num_classes": num_classes}
-    accepted = set(params) - {"channels", "unit"}
-    unknown = sorted(set(options) - accepted - {"num_classes"})
-    if unknown:
-        takes = ", ".join(sorted(accepted - {"num_classes"})) or "none"
-        raise InputError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: {takes}")
-    return cls(channels, **options)
+    try:
+        return info.cls(channels, **options)
+    except (TypeError, ValueError) as err:  # option values of the wrong type or range
+        raise InputError(f"model {name!r}: invalid option value(s) {options} ({err})") from None

@@ -33,7 +33,7 @@ import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, FetchItem, sniff
 from preprocessing.errors import InputError
-from preprocessing.io import check_fraction, write_tsv
+from preprocessing.io import DEFAULT_MAX_BAD_FRACTION, write_tsv
 from preprocessing.sources.common import finish_downloads
 
 __all__ = [
@@ -349,7 +349,7 @@ def acquire(
     options: BdgpOptions,
     downloader: Downloader | None = None,
     limit: int | None = None,
-    max_bad_fraction: float = 0.05,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     retries: int = 5,
 ) -> pd.DataFrame:
     """Download the BDGP tables and images and write ``<out_dir>/images.tsv``; return that table.
@@ -362,7 +362,6 @@ def acquire(
     written.
     ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
-    check_fraction(max_bad_fraction)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if downloader is None:

@@ -26,8 +26,8 @@ import pandas as pd
 
 from preprocessing.errors import InputError
 from preprocessing.io import (
+    DEFAULT_MAX_BAD_FRACTION,
     IMAGES_COLUMNS,
-    check_fraction,
     check_rejected,
     read_image,
     read_table,
@@ -49,7 +49,7 @@ def prepare_folder(
     table: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     image_root: str | os.PathLike[str] | None = None,
-    max_bad_fraction: float = 0.0,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     workers: int = 1,
 ) -> pd.DataFrame:
     """Check every image listed in ``table`` and write ``<out_dir>/images.tsv``; return that table.
@@ -66,7 +66,6 @@ def prepare_folder(
     table = Path(table)
     out_dir = Path(out_dir)
     _remove_earlier_outputs(out_dir, table)
-    check_fraction(max_bad_fraction)
     rows = read_table(table, REQUIRED_COLUMNS)
     if rows.empty:
         raise InputError(f"{table}: no images listed (the table has a header but no rows)")

@@ -32,7 +32,7 @@ import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, FetchItem
 from preprocessing.errors import InputError
-from preprocessing.io import check_fraction, check_rejected, write_json, write_tsv
+from preprocessing.io import DEFAULT_MAX_BAD_FRACTION, check_rejected, write_json, write_tsv
 from preprocessing.sources.common import finish_downloads
 
 __all__ = [
@@ -331,7 +331,7 @@ def acquire(
     options: HpaOptions,
     downloader: Downloader | None = None,
     limit: int | None = None,
-    max_bad_fraction: float = 0.05,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     retries: int = 5,
 ) -> pd.DataFrame:
     """Download HPA IF images for well-localised genes and write ``<out_dir>/images.tsv``; return it.
@@ -346,7 +346,6 @@ def acquire(
     note are recorded in ``<out_dir>/source.json``.
     ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
-    check_fraction(max_bad_fraction)
     channels = options.channel_list()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

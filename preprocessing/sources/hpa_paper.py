@@ -31,7 +31,7 @@ import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, safe_extract_zip, sniff
 from preprocessing.errors import InputError
-from preprocessing.io import check_fraction, check_rejected, write_tsv
+from preprocessing.io import DEFAULT_MAX_BAD_FRACTION, check_rejected, write_tsv
 from preprocessing.sources import hpa
 
 __all__ = [
@@ -285,7 +285,7 @@ def acquire(
     options: HpaPaperOptions,
     downloader: Downloader | None = None,
     limit: int | None = None,
-    max_bad_fraction: float = 0.05,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     retries: int = 5,
 ) -> pd.DataFrame:
     """Download and unpack the authors' patch archives and write ``<out_dir>/images.tsv``; return it.
@@ -301,7 +301,6 @@ def acquire(
     genes of the table; the archives are still downloaded whole.
     ``retries``: attempts after the first for transient failures (when no ``downloader`` is given).
     """
-    check_fraction(max_bad_fraction)
     if options.labels_table is None:
         raise InputError("hpa_paper: labels_table (a Gene,label table) is required")
     labels = read_labels_table(Path(options.labels_table), options)

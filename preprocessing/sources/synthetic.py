@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from preprocessing.errors import InputError
-from preprocessing.io import atomic_path, write_tsv
+from preprocessing.io import BOX_COLUMNS, atomic_path, write_tsv
 
 LOCATIONS: tuple[str, ...] = (
     "Nucleoplasm",
@@ -41,7 +41,7 @@ LOCATIONS: tuple[str, ...] = (
 
 QUALITIES: tuple[str, ...] = ("good", "blur", "dim", "noisy", "nosignal")
 IMAGES_COLUMNS: tuple[str, ...] = ("image_id", "group", "path", "labels", "quality")
-BOXES_COLUMNS: tuple[str, ...] = ("image_id", "x0", "y0", "x1", "y1")
+BOXES_COLUMNS: tuple[str, ...] = ("image_id", *BOX_COLUMNS)
 
 # HPA-like imbalance: frequencies decrease roughly along LOCATIONS.
 _LOCATION_WEIGHTS = np.array([0.24, 0.17, 0.10, 0.09, 0.08, 0.08, 0.07, 0.06, 0.06, 0.05])

@@ -6,6 +6,8 @@ import shlex
 import shutil
 from pathlib import Path
 
+from preprocessing.io import DEFAULT_MAX_BAD_FRACTION
+
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
 SEEDS = [int(s) for s in config["seeds"]]
@@ -70,9 +72,6 @@ SOURCE_CROP_DEFAULTS = {
     "bdgp": {"instances": "whole", "whole_size": [180, 320]},  # whole embryos at the paper's 180x320
 }
 
-# Fraction of a dataset's images that may fail (download or decode) and be skipped, for the acquire and
-# the crop stage alike; a dataset sets its own with `max_bad_fraction`.
-MAX_BAD_FRACTION = 0.05
 
 
 def crop_options(ds):
@@ -82,8 +81,8 @@ def crop_options(ds):
 
 
 def max_bad_fraction(ds):
-    """The dataset's `max_bad_fraction`, else MAX_BAD_FRACTION."""
-    return float(ds_config(ds).get("max_bad_fraction", MAX_BAD_FRACTION))
+    """The dataset's `max_bad_fraction` (acquire and crop alike), else the stages' default."""
+    return float(ds_config(ds).get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION))
 
 
 def folder_inputs(wildcards):
