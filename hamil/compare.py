@@ -58,10 +58,25 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def with_reference(table: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
+    """``table`` plus, per metric, the reference value (``<metric>_paper``) and ours minus it
+    (``<metric>_diff``) for the models the reference has; empty reference cells stay NaN."""
+    if reference is None:
+        return table
+    ref = reference.drop_duplicates("model").set_index("model")
+    out = table.copy()
+    for metric in METRICS:
+        values = pd.to_numeric(ref[metric].replace("", np.nan), errors="coerce")
+        out[f"{metric}_paper"] = out["model"].map(values)
+        out[f"{metric}_diff"] = out[f"{metric}_mean"] - out[f"{metric}_paper"]
+    return out
+
+
 def to_markdown(table: pd.DataFrame, title: str = "", reference: pd.DataFrame | None = None) -> str:
     """The comparison as Markdown in the paper's layout: rows = models, cells = mean ± sd over seeds.
 
-    ``reference`` (columns ``model``, the metrics, optionally ``source``) is printed as a second table.
+    ``reference`` (columns ``model``, the metrics, optionally ``source``, ``note``) follows as a second table:
+    every published row, with ours minus the published value for the models we ran (negative: ours lower).
     """
     metrics = [*METRICS, *(m for m in TUNED if table[f"{m}_mean"].notna().any())]
     lines = [f"### {title}", ""] if title else []
@@ -71,15 +86,33 @@ def to_markdown(table: pd.DataFrame, title: str = "", reference: pd.DataFrame | 
         cells = [_fmt(row[f"{m}_mean"], row[f"{m}_sd"]) for m in metrics]
         lines.append(f"| {row['model']} | {row['seeds']} | " + " | ".join(cells) + " |")
     if reference is not None and len(reference):
-        source = ", ".join(sorted(set(reference.get("source", pd.Series(["reference"])))))
-        lines += ["", f"Reference results ({source}):", ""]
-        lines += [
-            "| model | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
-            "|---|" + "---:|" * len(METRICS),
-        ]
-        for _, row in reference.iterrows():
-            lines.append(f"| {row['model']} | " + " | ".join(str(row[m]) for m in METRICS) + " |")
+        lines += _reference_table(table, reference)
     return "\n".join(lines) + "\n"
+
+
+def _reference_table(table: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    source = ", ".join(sorted(set(reference.get("source", pd.Series(["reference"]))) - {""})) or "reference"
+    ours = table.set_index("model")
+    lines = ["", f"Reference results ({source}):", ""]
+    lines += [
+        "| model | "
+        + " | ".join(HEADERS[m] for m in METRICS)
+        + " | ours − published (AUC / F1 / micro F1) | note |"
+    ]
+    lines += ["|---|" + "---:|" * len(METRICS) + "---|---|"]
+    for _, row in reference.iterrows():
+        diffs = ""
+        if row["model"] in ours.index:
+            published = [pd.to_numeric(row[m] or np.nan, errors="coerce") for m in METRICS]
+            mine = [ours.loc[row["model"], f"{m}_mean"] for m in METRICS]
+            diffs = " / ".join(
+                "–" if pd.isna(p) else f"{o - p:+.3f}" for o, p in zip(mine, published, strict=True)
+            )
+        note = str(row.get("note", "") or "")
+        lines.append(
+            f"| {row['model']} | " + " | ".join(str(row[m]) for m in METRICS) + f" | {diffs} | {note} |"
+        )
+    return lines
 
 
 def _fmt(mean: float, sd: float) -> str:
@@ -102,7 +135,7 @@ def compare(
         raise InputError("compare: no metrics files given")
     table = summarise(gather(paths))
     ref = read_table(reference, ("model", *METRICS)) if reference else None
-    write_tsv(table.round(4), out_tsv)
+    write_tsv(with_reference(table, ref).round(4), out_tsv)  # + <metric>_paper, <metric>_diff
     text = to_markdown(table, title, ref)
     with atomic_path(out_md) as tmp:
         tmp.write_text(text)

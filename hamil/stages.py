@@ -117,6 +117,9 @@ class BagsJob:
     out_table: str = opt(help="one row per bag (bags.tsv)")
     source: str = opt("unknown", "the data source's name, recorded in the store")
     workers: int = opt(1, "parallel chunk copies")
+    paper_counts: str | None = opt(
+        None, "TSV of published counts (split, bags, instances; e.g. the paper's Table S1) shown beside ours"
+    )
 
     def __post_init__(self) -> None:
         if len(self.tables) != len(self.stores):
@@ -205,7 +208,40 @@ def run_bags(job: BagsJob, params: BagParams) -> None:
         source=job.source,
         workers=job.workers,
     )
+    if job.paper_counts:
+        stats = compare_counts(stats, job.paper_counts, Path(job.out_table).with_name("bags.json"))
     log.info("bags: %s", stats)
+
+
+def compare_counts(stats: dict[str, Any], paper_counts: str, bags_json: Path) -> dict[str, Any]:
+    """Add the published bag and instance counts per split (and ours as a fraction of them) to the bag
+    stage's statistics, rewrite ``bags.json``, and log the comparison."""
+    from preprocessing.io import read_table, write_json
+
+    table = read_table(paper_counts, ["split", "bags", "instances"]).set_index("split")
+    paper = {}
+    for split in ("train", "val", "test"):
+        if split not in table.index:
+            raise InputError(f"{paper_counts}: no row for the {split} split")
+        bags, instances = (int(table.loc[split, c]) for c in ("bags", "instances"))
+        ours_bags, ours_instances = stats["bags_per_split"][split], stats["instances_per_split"][split]
+        paper[split] = {
+            "bags": bags,
+            "instances": instances,
+            "ours_over_paper_bags": round(ours_bags / bags, 4) if bags else None,
+            "ours_over_paper_instances": round(ours_instances / instances, 4) if instances else None,
+        }
+        log.info(
+            "%s split: %d bags, %d instances (published: %d, %d)",
+            split,
+            ours_bags,
+            ours_instances,
+            bags,
+            instances,
+        )
+    stats = {**stats, "published_counts": {"file": str(paper_counts), **paper}}
+    write_json(stats, bags_json)
+    return stats
 
 
 # ---- train, evaluate, figures, compare, predict, mil-bench -----------------------------------------------

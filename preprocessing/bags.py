@@ -139,6 +139,9 @@ def build_bags(
         "groups": len(kept),
         "groups_dropped_without_label": len(group_labels) - len(kept),
         "bags_per_split": {s: int((bags["split"] == i).sum()) for i, s in enumerate(SPLITS)},
+        "instances_per_split": {
+            s: int(bags.loc[bags["split"] == i, "n_patches"].sum()) for i, s in enumerate(SPLITS)
+        },
     }
     write_json(stats, Path(dest_table).with_name("bags.json"))
     return stats

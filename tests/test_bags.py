@@ -144,3 +144,28 @@ def test_missing_columns_are_named(tmp_path, two_shards):
 def test_not_a_store(tmp_path):
     with pytest.raises(InputError, match="not a bag store"):
         BagStore(tmp_path)
+
+
+def test_published_counts_are_printed_beside_ours(tmp_path, two_shards):
+    """``hamil bags --paper-counts`` (the paper's Table S1 for the full data sets) adds the published bags
+    and instances per split to bags.json, with ours as a fraction of them."""
+    import json
+
+    from hamil.cli import main
+
+    tables, stores, _ = two_shards
+    table = tmp_path / "ds" / "bags.tsv"
+    args = ["bags", "--tables", *map(str, tables), "--stores", *map(str, stores)]
+    args += ["--out-store", str(tmp_path / "ds.zarr"), "--out-table", str(table), "--top-k", "3"]
+    paper = tmp_path / "s1.tsv"
+    paper.write_text("split\tbags\tinstances\ntrain\t10\t100\nval\t4\t40\ntest\t8\t80\n")
+    assert main([*args, "--paper-counts", str(paper)]) == 0
+    stats = json.loads(table.with_name("bags.json").read_text())
+    ours = stats["instances_per_split"]
+    assert sum(ours.values()) == stats["patches"]
+    published = stats["published_counts"]
+    assert published["train"]["bags"] == 10 and published["test"]["instances"] == 80
+    assert published["train"]["ours_over_paper_bags"] == round(stats["bags_per_split"]["train"] / 10, 4)
+    assert published["val"]["ours_over_paper_instances"] == round(ours["val"] / 40, 4)
+    paper.write_text("split\tbags\tinstances\ntrain\t10\t100\n")
+    assert main([*args, "--paper-counts", str(paper)]) == 2  # a split missing: one line

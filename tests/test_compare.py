@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -85,3 +86,46 @@ def test_tuned_thresholds_maximise_f1(seed, n):
         f1 = 2 * (pred & (y[:, k] == 1)).sum() / (pred.sum() + y[:, k].sum())
         assert f1 == pytest.approx(f1_ref)
         assert abs(tuned[k] - 0.5) == pytest.approx(abs(t_ref - 0.5))
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "config" / "reference"
+
+
+def test_the_papers_rows_are_printed_beside_ours_with_the_difference(tmp_path):
+    """With the shipped Task II table: every published row, ours minus published for the models we ran,
+    an illegible cell left empty, the external methods listed, and the differences in the TSV."""
+    paths = [
+        write_metrics(tmp_path, "hamil", 0, 0.950, 0.700, 0.750),
+        write_metrics(tmp_path, "si", 0, 0.900, 0.700, 0.700),
+    ]
+    ref = REFERENCE / "hamil_task2_bdgp.tsv"
+    md = compare(paths, tmp_path / "c.tsv", tmp_path / "c.md", reference=ref)
+    published = pd.read_csv(ref, sep="\t", keep_default_na=False)
+    for model in published["model"]:
+        assert f"| {model} |" in md, model
+    assert "| hamil | 0.944 | 0.755 | 0.746 | +0.006 / -0.055 / +0.004 |" in md
+    assert "| si |  | 0.691 | 0.685 | – / +0.009 / +0.015 |" in md  # macro AUC not legible: no number
+    assert "| AnnoFly | 0.937 | 0.702 | 0.713 |  | quoted by the paper from the FlyIT paper |" in md
+    table = pd.read_csv(tmp_path / "c.tsv", sep="\t").set_index("model")
+    assert table.loc["hamil", "macro_f1_paper"] == 0.755
+    assert table.loc["hamil", "macro_f1_diff"] == pytest.approx(-0.055)
+    assert np.isnan(table.loc["si", "macro_auc_paper"])
+
+
+def test_shipped_reference_tables_name_registered_models():
+    from hamil.models import available
+
+    for name, externals in (
+        ("hamil_task1_hpa.tsv", set()),
+        ("hamil_task2_bdgp.tsv", {"E-MIMLSVM+", "AnnoFly", "FlyIT"}),
+    ):
+        table = pd.read_csv(REFERENCE / name, sep="\t", keep_default_na=False)
+        assert set(table["model"]) == (set(available()) | externals), name
+        for metric in ("macro_auc", "macro_f1", "micro_f1"):
+            values = pd.to_numeric(table[metric].replace("", np.nan))
+            assert ((values > 0.5) & (values < 1)).sum() == values.notna().sum(), (name, metric)
+    for name in ("hamil_table_s1_hpa.tsv", "hamil_table_s1_bdgp.tsv"):
+        counts = pd.read_csv(REFERENCE / name, sep="\t")
+        assert (
+            list(counts["split"]) == ["train", "val", "test"] and (counts["instances"] > counts["bags"]).all()
+        )

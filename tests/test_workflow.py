@@ -180,7 +180,8 @@ def test_schema_sections_match_the_parameter_dataclasses():
         "model_options",
         "threads",
     }
-    assert set(schema["properties"]["train"]["properties"]) == train_keys
+    assert schema["properties"]["train"] == {"$ref": "#/$defs/train"}  # shared with datasets.<ds>.train
+    assert set(defs["train"]["properties"]) == train_keys
     assert schema["properties"]["models"]["items"]["enum"] == available()
 
 

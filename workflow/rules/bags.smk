@@ -15,7 +15,9 @@ rule bags_dataset:
         table="data/processed/{ds}/bags.tsv",
     params:
         source=lambda w: ds_config(w.ds)["source"],
-        options=lambda w: cli_options(ds_config(w.ds).get("bags")),
+        options=lambda w: cli_options(
+            {**ds_config(w.ds).get("bags", {}), "paper_counts": shipped(ds_config(w.ds).get("paper_counts"))}
+        ),
     threads: 2
     conda:
         "../envs/hamil.yaml"

@@ -42,6 +42,14 @@ def ds_config(ds):
     return config["datasets"][ds]
 
 
+def shipped(path):
+    """A relative path from the config (e.g. config/reference/...): in the working directory if it is
+    there, else in this workflow's repository (for runs with --directory elsewhere)."""
+    if path is None or Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(Path(workflow.basedir) / path)
+
+
 def cli_options(values, explicit_none=False):
     """{'patch_size': 64, 'split_ratio': [4, 1, 5], 'augment': False} -> '--patch-size 64 --split-ratio 4 1 5 --no-augment'.
 

@@ -106,7 +106,7 @@ rule compare_dataset:
     params:
         title=lambda w: f"{w.ds}: {config.get('evaluate', {}).get('split', 'test')} split",
         reference=lambda w: (
-            f"--reference {ds_config(w.ds)['reference']}" if ds_config(w.ds).get("reference") else ""
+            f"--reference {shipped(ds_config(w.ds)['reference'])}" if ds_config(w.ds).get("reference") else ""
         ),
     conda:
         "../envs/hamil.yaml"

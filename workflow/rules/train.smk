@@ -19,6 +19,7 @@ rule train_model:
         options=lambda w: cli_options(
             {
                 **config.get("train", {}),
+                **ds_config(w.ds).get("train", {}),
                 "model_options": config.get("model_options", {}).get(w.model, {}),
             },
             explicit_none=True,  # e.g. patience: null means never stop early, not the default
