@@ -58,15 +58,72 @@ ANNOT_ROWS = [
     ("hb", "CG9786", "FBgn0001180", "2", "no staining"),
     ("hb", "CG9786", "FBgn0001180", "5", "ventral nerve cord primordium, P3"),
 ]
-# Column order of the real images table is unconfirmed: this fixture puts the path in the middle.
+# insitu_images.csv in the documented ten-column order (CG id, symbol, annotation symbol, FBgn, cDNA clone,
+# path, stage, view, comment, resolution; tomsing1 notebook in shared/real_samples/bdgp); clone names and
+# image numbers are placeholders.
 IMAGE_ROWS = [
-    ("101", "CG1378", "img_dir_10/insitu10383.jpe", "2", "lateral"),
-    ("102", "CG1378", "img_dir_10/insitu10384.jpe", "2", "dorsal"),
-    ("103", "CG1378", "img_dir_11/insitu11001.jpe", "4", "lateral"),
-    ("104", "CG1378", "img_dir_11/insitu11002.jpe", "4", "anterior"),  # view filtered out
-    ("105", "CG9786", "img_dir_12/insitu12000.jpe", "2", "lateral"),  # only non-anatomical terms
-    ("106", "CG9786", "img_dir_12/insitu12001.jpe", "5", "ventral"),
-    ("107", "CG9786", "img_dir_12/insitu12002.jpe", "1", "lateral"),  # stage 1-3 not kept by default
+    (
+        "CG1378",
+        "tll",
+        "tll",
+        "FBgn0003720",
+        "LD00001",
+        "img_dir_10/insitu10383.jpe",
+        "2",
+        "lateral",
+        "",
+        "low",
+    ),
+    ("CG1378", "tll", "tll", "FBgn0003720", "LD00001", "img_dir_10/insitu10384.jpe", "2", "dorsal", "", ""),
+    (
+        "CG1378",
+        "tll",
+        "tll",
+        "FBgn0003720",
+        "LD00001",
+        "img_dir_11/insitu11001.jpe",
+        "4",
+        "lateral",
+        "AP_inverted",
+        "",
+    ),
+    (
+        "CG1378",
+        "tll",
+        "tll",
+        "FBgn0003720",
+        "LD00001",
+        "img_dir_11/insitu11002.jpe",
+        "4",
+        "",
+        "",
+        "low",
+    ),  # no view
+    (
+        "CG9786",
+        "hb",
+        "hb",
+        "FBgn0001180",
+        "LD00002",
+        "img_dir_12/insitu12000.jpe",
+        "2",
+        "lateral",
+        "",
+        "",
+    ),  # no label
+    ("CG9786", "hb", "hb", "FBgn0001180", "LD00002", "img_dir_12/insitu12001.jpe", "5", "ventral", "", "low"),
+    (
+        "CG9786",
+        "hb",
+        "hb",
+        "FBgn0001180",
+        "LD00002",
+        "img_dir_12/insitu12002.jpe",
+        "1",
+        "lateral",
+        "",
+        "",
+    ),  # stage 1-3
 ]
 
 
@@ -79,7 +136,7 @@ def annot_bytes(delimiter: str) -> bytes:
 
 
 def images_bytes() -> bytes:
-    return gzip.compress(("\n".join(",".join(r) for r in IMAGE_ROWS) + "\n").encode())
+    return gzip.compress(("\n".join(",".join(r) for r in IMAGE_ROWS) + "\n").encode("latin1"))
 
 
 def test_bdgp_tab_and_comma_annotations_parse_identically():
@@ -100,16 +157,17 @@ def test_bdgp_annotations_tolerate_plain_text_and_refuse_html():
         bdgp.parse_annotations(gzip.compress(b"a,b\nc,d\n"))
 
 
-def test_bdgp_images_columns_found_by_content_in_any_order():
+def test_bdgp_images_documented_layout_else_columns_found_by_content():
     annot = bdgp.parse_annotations(annot_bytes(","))
     keys = bdgp._gene_keys(annot)
-    shuffled = [(r[4], r[2], r[0], r[3], r[1]) for r in IMAGE_ROWS]  # view, path, id, stage, gene
+    shuffled = [(r[7], r[5], r[4], r[6], r[0]) for r in IMAGE_ROWS]  # view, path, clone, stage, gene
     data = gzip.compress(("\n".join("\t".join(r) for r in shuffled) + "\n").encode())
     a = bdgp.parse_images(images_bytes(), keys)
     b = bdgp.parse_images(data, keys)
-    pd.testing.assert_frame_equal(a, b)
-    assert a.columns.tolist() == ["gene", "stage", "view", "path"]
-    assert a["path"].iloc[0] == "img_dir_10/insitu10383.jpe"
+    cols = ["gene", "stage", "view", "path", "skip"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert a.columns.tolist() == ["gene", "stage", "view", "path", "resolution", "skip"]
+    assert a["path"].iloc[0] == "img_dir_10/insitu10383.jpe" and a["resolution"].iloc[0] == "low"
     no_view = gzip.compress(b"1,CG1378,img_dir_1/insitu1.jpe,2\n")
     with pytest.raises(InputError, match="view"):
         bdgp.parse_images(no_view, keys, "images.csv.gz")
@@ -122,7 +180,7 @@ def test_bdgp_groups_drop_terms_and_filter_views():
     assert groups["group"].tolist() == ["CG1378_s2", "CG1378_s2", "CG1378_s4", "CG9786_s5"]
     assert groups["labels"].iloc[0] == "anterior endoderm anlage;posterior endoderm anlage"
     assert groups["labels"].iloc[2] == "brain primordium"  # list_1 dropped
-    assert "insitu11002" not in "".join(groups["path"])  # anterior view dropped
+    assert "insitu11002" not in "".join(groups["path"])  # no view: dropped
     keep = bdgp.build_groups(annot, images, bdgp.BdgpOptions(keep_unlabelled=True, stages=(1, 2, 5)))
     assert keep["group"].tolist() == ["CG1378_s2", "CG1378_s2", "CG9786_s1", "CG9786_s2", "CG9786_s5"]
     assert keep.set_index("group").loc["CG9786_s2", "labels"] == ""
@@ -134,7 +192,7 @@ def bdgp_site(site: Script, bad: bool = True) -> None:
     site.routes["/insitu-mysql-dump/insitu_annot.csv.gz"] = (200, annot_bytes("\t"))
     site.routes["/insitu-mysql-dump/insitu_images.csv.gz"] = (200, images_bytes())
     for k, row in enumerate(IMAGE_ROWS):
-        site.routes[f"/insitu_image_storage/{row[2]}"] = (200, jpeg(10 * k))
+        site.routes[f"/insitu_image_storage/{row[5]}"] = (200, jpeg(10 * k))
     if bad:
         site.routes["/insitu_image_storage/img_dir_12/insitu12001.jpe"] = (200, HTML)
 
@@ -268,10 +326,15 @@ def gene_xml(gene: str, image_host: str = "https://images.proteinatlas.org") -> 
 """.encode()
 
 
+# the pre-Enhanced-only default: these checks are about the filter, not the default (test_hpa_real.py)
+ABOVE_UNCERTAIN = ("Enhanced", "Validated", "Supported", "Approved")
+
+
 def test_hpa_location_table_both_layouts_and_reliability():
+    assert hpa.HpaOptions().reliability == ("Enhanced",)  # the paper's gene set
     old = hpa.parse_location_table(
         pd.read_csv(io.StringIO(OLD_TSV), sep="\t", dtype=str, keep_default_na=False),
-        hpa.HpaOptions().reliability,
+        ABOVE_UNCERTAIN,
         "old",
     )
     assert old["gene"].tolist() == ["ENSG00000000003", "ENSG00000001036"]  # Uncertain gene dropped
@@ -286,10 +349,11 @@ def test_hpa_location_table_both_layouts_and_reliability():
     assert v17["gene"].tolist() == ["ENSG00000001036"] and v17["labels"].iloc[0] == "Nucleoplasm"
     new = hpa.parse_location_table(
         hpa.read_location_zip(zipped({"subcellular_location.tsv": NEW_TSV.encode()}), "new"),
-        hpa.HpaOptions().reliability,
+        ABOVE_UNCERTAIN,
         "new",
     )
-    assert new["labels"].tolist() == ["Cell Junctions;Cytosol", "Cytosol;Nucleoplasm;Vesicles"]
+    # labels from the kept level columns: FUCA2's Uncertain "Vesicles" (in Additional location) is not one
+    assert new["labels"].tolist() == ["Cell Junctions;Cytosol", "Cytosol;Nucleoplasm"]
     every = hpa.parse_location_table(
         pd.read_csv(io.StringIO(NEW_TSV), sep="\t", dtype=str, keep_default_na=False), hpa.LEVELS, "new"
     )
@@ -355,7 +419,12 @@ def test_hpa_acquire_falls_back_to_old_table_path(site, tmp_path):
     url, s = site
     hpa_site(url, s)
     out = tmp_path / "hpa"
-    table = hpa.acquire(out, hpa.HpaOptions(base_url=url), downloader(tmp_path), max_bad_fraction=0.5)
+    table = hpa.acquire(
+        out,
+        hpa.HpaOptions(base_url=url, reliability=ABOVE_UNCERTAIN),
+        downloader(tmp_path),
+        max_bad_fraction=0.5,
+    )
     assert s.headers["/download/tsv/subcellular_location.tsv.zip"]
     assert table.columns.tolist() == list(hpa.IMAGES_TSV_COLUMNS)
     assert table["image_id"].tolist() == [
@@ -379,7 +448,13 @@ def test_hpa_acquire_falls_back_to_old_table_path(site, tmp_path):
 def test_hpa_acquire_per_channel_new_path_and_mirror(site, tmp_path):
     url, s = site
     hpa_site("https://images.proteinatlas.org", s, new_path=True)
-    opts = hpa.HpaOptions(base_url=url, image_base_url=url, channels=("blue", "green"), max_genes=5)
+    opts = hpa.HpaOptions(
+        base_url=url,
+        image_base_url=url,
+        channels=("blue", "green"),
+        max_genes=5,
+        reliability=ABOVE_UNCERTAIN,
+    )
     table = hpa.acquire(tmp_path, opts, downloader(tmp_path), limit=2, max_bad_fraction=0.5)
     assert "/download/subcellular_location.tsv.zip" not in s.headers
     assert {"path_blue", "path_green", "url_blue", "url_green"} <= set(table.columns)
@@ -395,15 +470,22 @@ def test_hpa_acquire_image_failures_and_missing_table(site, tmp_path):
     s.routes["/img/4109/1832_C1_3_blue_red_green.jpg"] = (200, HTML)
     s.routes["/download/tsv/subcellular_location.tsv.zip"] = (403, b"Forbidden")  # 403 also moves on
     with pytest.raises(DownloadError, match="1 of 3 images failed"):
-        hpa.acquire(tmp_path / "a", hpa.HpaOptions(base_url=url), downloader(tmp_path))
+        hpa.acquire(
+            tmp_path / "a", hpa.HpaOptions(base_url=url, reliability=ABOVE_UNCERTAIN), downloader(tmp_path)
+        )
     table = hpa.acquire(
-        tmp_path / "b", hpa.HpaOptions(base_url=url), downloader(tmp_path), max_bad_fraction=0.5
+        tmp_path / "b",
+        hpa.HpaOptions(base_url=url, reliability=ABOVE_UNCERTAIN),
+        downloader(tmp_path),
+        max_bad_fraction=0.5,
     )
     assert len(table) == 2
     assert pd.read_csv(tmp_path / "b" / "rejected.tsv", sep="\t")["image_id"].tolist() == ["4109_1832_C1_3"]
     s.routes.pop("/download/subcellular_location.tsv.zip")
     with pytest.raises(DownloadError, match="no location table found.*404"):
-        hpa.acquire(tmp_path / "c", hpa.HpaOptions(base_url=url), downloader(tmp_path))
+        hpa.acquire(
+            tmp_path / "c", hpa.HpaOptions(base_url=url, reliability=ABOVE_UNCERTAIN), downloader(tmp_path)
+        )
 
 
 # -------------------------------------------------------------------------------------------- HPA paper
