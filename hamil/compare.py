@@ -1,7 +1,8 @@
 """Gather ``metrics.json`` of every model x seed into one comparison table (mean ± sd over seeds).
 
-Rows are models, columns the paper's metrics (macro AUC, macro F1, micro F1 at the fixed threshold) and,
-where evaluation tuned per-class thresholds on the validation split, macro and micro F1 at those.
+Rows are models, columns the paper's metrics (macro AUC, macro F1, micro F1 at the fixed threshold), subset
+accuracy (every class right) and, where evaluation tuned per-class thresholds on the validation split, macro
+and micro F1 at those. A model with one seed shows its value alone (no sd).
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ from preprocessing.errors import InputError
 from preprocessing.io import atomic_path, read_table, write_tsv
 
 METRICS = ("macro_auc", "macro_f1", "micro_f1")
+EXTRA = ("subset_accuracy",)  # optional in a metrics file (older evaluations have none)
 TUNED = ("tuned_macro_f1", "tuned_micro_f1")
 HEADERS = {
     "macro_auc": "macro AUC",
     "macro_f1": "macro F1",
     "micro_f1": "micro F1",
+    "subset_accuracy": "subset accuracy",
     "tuned_macro_f1": "macro F1 (tuned)",
     "tuned_micro_f1": "micro F1 (tuned)",
 }
 
 
 def gather(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
-    """One row per metrics file: model, seed, the paper's three metrics and the tuned-threshold F1s."""
+    """One row per metrics file: model, seed, the paper's three metrics, subset accuracy and the
+    tuned-threshold F1s (NaN where a file has none)."""
     rows = []
     for path in paths:
         try:
@@ -40,17 +44,19 @@ def gather(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         if missing:
             raise InputError(f"{path}: missing keys: {', '.join(missing)}")
         row = {k: data[k] for k in ("model", "seed", *METRICS)}
+        row.update({k: data.get(k) for k in EXTRA})
         tuned = data.get("tuned") or {}
         row.update({f"tuned_{k}": tuned.get(k) for k in ("macro_f1", "micro_f1")})
         rows.append(row)
-    return pd.DataFrame(rows, columns=["model", "seed", *METRICS, *TUNED])
+    return pd.DataFrame(rows, columns=["model", "seed", *METRICS, *EXTRA, *TUNED])
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample sd per model over seeds (sd 0 with one seed), models in first-seen order."""
+    """Mean and sample sd per model over seeds (sd 0 in the table with one seed, where the Markdown shows
+    the value alone), models in first-seen order."""
     grouped = runs.groupby("model", sort=False)
     table = pd.DataFrame({"model": list(grouped.groups), "seeds": grouped.size().to_numpy()})
-    for metric in (*METRICS, *TUNED):
+    for metric in (*METRICS, *EXTRA, *TUNED):
         values = grouped[metric].apply(lambda v: pd.to_numeric(v, errors="coerce"))
         stats = values.groupby(level=0, sort=False).agg(["mean", "std"])
         table[f"{metric}_mean"] = stats["mean"].to_numpy()
@@ -73,17 +79,19 @@ def with_reference(table: pd.DataFrame, reference: pd.DataFrame | None) -> pd.Da
 
 
 def to_markdown(table: pd.DataFrame, title: str = "", reference: pd.DataFrame | None = None) -> str:
-    """The comparison as Markdown in the paper's layout: rows = models, cells = mean ± sd over seeds.
+    """The comparison as Markdown in the paper's layout: rows = models, cells = mean ± sd over seeds (the
+    value alone for a model with one seed); optional columns (subset accuracy, tuned F1s) only where a
+    model has them.
 
     ``reference`` (columns ``model``, the metrics, optionally ``source``, ``note``) follows as a second table:
     every published row, with ours minus the published value for the models we ran (negative: ours lower).
     """
-    metrics = [*METRICS, *(m for m in TUNED if table[f"{m}_mean"].notna().any())]
+    metrics = [*METRICS, *(m for m in (*EXTRA, *TUNED) if table[f"{m}_mean"].notna().any())]
     lines = [f"### {title}", ""] if title else []
     lines += ["| model | seeds | " + " | ".join(HEADERS[m] for m in metrics) + " |"]
     lines += ["|---|---:|" + "---:|" * len(metrics)]
     for _, row in table.iterrows():
-        cells = [_fmt(row[f"{m}_mean"], row[f"{m}_sd"]) for m in metrics]
+        cells = [_fmt(row[f"{m}_mean"], row[f"{m}_sd"], row["seeds"]) for m in metrics]
         lines.append(f"| {row['model']} | {row['seeds']} | " + " | ".join(cells) + " |")
     if reference is not None and len(reference):
         lines += _reference_table(table, reference)
@@ -115,8 +123,11 @@ def _reference_table(table: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _fmt(mean: float, sd: float) -> str:
-    return "n/a" if np.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
+def _fmt(mean: float, sd: float, seeds: int) -> str:
+    """``mean ± sd``; the mean alone for one seed (no spread to show), ``n/a`` without a value."""
+    if np.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f}" if seeds < 2 else f"{mean:.3f} ± {sd:.3f}"
 
 
 def compare(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from preprocessing.errors import InputError
+from preprocessing.options import opt
 
 SCHEDULES = ("constant", "cosine", "plateau")
 #: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``, ``mps``
@@ -19,36 +20,49 @@ MONITORS = ("macro_auc", "macro_f1", "micro_f1", "loss")
 class TrainConfig:
     """Everything that defines a training run (paths, model, optimisation, seeds)."""
 
-    store: str
-    out_dir: str
-    model: str = "hamil"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None
-    dropout: float = 0.0
-    seed: int = 0
-    epochs: int = 30
-    batch_bags: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # "constant" (the paper), "cosine" (to 0 at the last epoch) or "plateau"
-    max_instances: int | None = None
-    augment: bool = True  # random flips / 90° rotations per instance
-    jitter: float = 0.1  # intensity jitter strength with augment (contrast 1 ± s, brightness ± s/2); 0: off
-    accumulate: int = 1  # batches whose gradients are summed before each optimizer step
-    amp: str = (
-        "auto"  # "auto" (bf16, or fp16 without bf16 support, on CUDA; off on CPU), "bf16", "fp16", "off"
+    store: str = opt(help="the bag store to train on (data/processed/<ds>.zarr)")
+    out_dir: str = opt(help="the run folder (best.pt, last.pt, history.csv)")
+    model: str = opt("hamil", "a model of the registry (hamil, hamil_a, ramil, mean, max, sum, si, ...)")
+    model_options: dict[str, Any] = opt({}, 'aggregator options as JSON, e.g. {"depth": 2, "kernel_size": 7}')
+    pretrained: str | None = opt(
+        None, "backbone weights: none (random), imagenet, or a ResNet18 state_dict file"
     )
-    monitor: str = "macro_f1"  # validation score for best.pt, early stopping and the plateau schedule
-    patience: int | None = 10  # epochs without improvement before stopping (None: never)
-    num_workers: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    freeze_batch_norm: bool = False  # batch norm keeps its running statistics in training (small batches)
-    sync_batch_norm: bool = True  # with several CUDA ranks, batch statistics over the global batch
-    tensorboard: bool = False  # also log to <out_dir>/tensorboard (needs the tensorboard package)
-    # deterministic GPU kernels (no TF32, no atomics-based reductions; slower): on one GPU, reruns and
-    # resumed runs give identical results, as on the CPU, where this changes nothing
-    deterministic: bool = False
+    dropout: float = opt(0.0, "dropout before the linear head")
+    seed: int = opt(0, "seed of initialisation, batches, instance subsets and augmentation")
+    epochs: int = opt(30, "epochs at most (early stopping may end sooner)")
+    batch_bags: int = opt(8, "bags per batch (the global batch with several GPUs); the paper: 8, BDGP 32")
+    lr: float = opt(1e-4, "Adam learning rate (the paper: 1e-4)")
+    weight_decay: float = opt(0.0, "Adam weight decay")
+    schedule: str = opt(
+        "constant", "learning-rate schedule", choices=SCHEDULES
+    )  # constant (the paper), cosine (to 0 at the last epoch) or plateau (halved on a flat monitor)
+    max_instances: int | None = opt(None, "random subset of at most this many instances per bag and step")
+    augment: bool = opt(True, "augment training bags (flips/rotations with flip_rotate, intensity jitter)")
+    flip_rotate: bool = opt(
+        True, "with augment: random flips and 90-degree rotations (turn off where orientation matters)"
+    )
+    jitter: float = opt(
+        0.1, "with augment: intensity jitter strength (contrast 1 ± s, brightness ± s/2); 0 off"
+    )
+    accumulate: int = opt(1, "batches whose gradients are summed before each optimizer step")
+    amp: str = opt(
+        "auto", "autocast: auto (bf16, else fp16, on CUDA; off on CPU), bf16, fp16 or off", choices=AMP_MODES
+    )
+    monitor: str = opt(
+        "macro_f1", "validation score for best.pt, early stopping and plateau", choices=MONITORS
+    )
+    patience: int | None = opt(10, "epochs without improvement before stopping (none: never)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    threads: int | None = opt(None, "torch CPU threads (default: all cores)")
+    freeze_batch_norm: bool = opt(
+        False, "batch norm keeps its running statistics in training (small batches)"
+    )
+    sync_batch_norm: bool = opt(True, "with several CUDA ranks, batch statistics over the global batch")
+    tensorboard: bool = opt(False, "also log to <out_dir>/tensorboard (needs the tensorboard package)")
+    deterministic: bool = opt(
+        False, "deterministic GPU kernels (slower): bit-identical GPU reruns and resumes; no effect on CPU"
+    )
 
     # Fields that may differ between a run and its resumption (they do not change the computation).
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (

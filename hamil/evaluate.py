@@ -1,8 +1,15 @@
-"""Evaluate a checkpoint on one split of a bag store: metrics.json, predictions.tsv, per_class.tsv."""
+"""Evaluate a checkpoint on one split of a bag store: metrics.json, per_class.tsv, predictions.tsv and
+instances.tsv.
+
+The metrics (:func:`score_report`) are shared with ``hamil predict``, which writes the same
+``metrics.json`` and ``per_class.tsv`` for bags whose labels are known; both write ``predictions.tsv``
+and ``instances.tsv`` in the layouts of :mod:`hamil.tables`.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +18,46 @@ import pandas as pd
 
 from hamil.checkpoint import load_checkpoint, model_from_checkpoint
 from hamil.data import BagDataset, make_loader
-from hamil.inference import predict_batches
+from hamil.inference import Explained, explain_batches, predict_batches
 from hamil.metrics import compute_metrics, tune_thresholds
 from hamil.runtime import select_device
-from hamil.tables import add_probabilities, label_lists
+from hamil.tables import instance_table, prediction_table
 from preprocessing.errors import InputError
 from preprocessing.io import write_json, write_tsv
 from preprocessing.store import BagStore
+
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.tsv"
+PREDICTION_FILE = "predictions.tsv"
+INSTANCE_FILE = "instances.tsv"
+
+
+def score_report(
+    y: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    threshold: float,
+    tuned: np.ndarray | None = None,
+    tuned_on: str | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """``metrics.json``'s metrics and the ``per_class.tsv`` table of labels ``y (B, K)`` and ``probs (B, K)``.
+
+    Metrics are at the fixed ``threshold``; with per-class ``tuned (K,)`` thresholds (found on
+    ``tuned_on``) the table gains ``threshold_tuned`` and ``f1_tuned`` and the metrics a ``tuned`` entry.
+    """
+    metrics = compute_metrics(y, probs, class_names, threshold)
+    per_class = pd.DataFrame(metrics.pop("per_class"))
+    if tuned is not None:
+        at_tuned = compute_metrics(y, probs, class_names, tuned)
+        per_class["threshold_tuned"] = np.round(tuned, 6)
+        per_class["f1_tuned"] = [row["f1"] for row in at_tuned["per_class"]]
+        metrics["tuned"] = {
+            "on": tuned_on,
+            "macro_f1": at_tuned["macro_f1"],
+            "micro_f1": at_tuned["micro_f1"],
+            "thresholds": dict(zip(class_names, np.round(tuned, 6).tolist(), strict=True)),
+        }
+    return metrics, per_class
 
 
 def evaluate(
@@ -30,10 +70,11 @@ def evaluate(
     threshold: float = 0.5,
     tune_split: str | None = "val",
 ) -> dict[str, Any]:
-    """Write ``metrics.json``, ``predictions.tsv`` and ``per_class.tsv`` for ``split`` into ``out_dir``.
+    """Write ``metrics.json``, ``per_class.tsv``, ``predictions.tsv`` and ``instances.tsv`` for ``split``.
 
     Metrics use the fixed ``threshold`` (the paper's 0.5). With ``tune_split`` (default "val"), per-class
     thresholds maximising F1 on that split are also applied and reported beside them (``tuned``).
+    Probabilities and instance scores (:meth:`MILModel.explain`) come from one pass over the split.
     """
     store = BagStore(store_path)
     ckpt = load_checkpoint(checkpoint, num_classes=len(store.class_names))
@@ -46,54 +87,56 @@ def evaluate(
     bags = store.bags_in(split)
     if len(bags) == 0:
         raise InputError(f"{store_path}: no bags in the {split} split")
-    index, y, probs, loss = predict_batches(
-        model, make_loader(BagDataset(store, bags), batch_bags, False, 0), dev
+    explained = explain_batches(
+        model, make_loader(BagDataset(store, bags), batch_bags, False, 0), dev, features=False
     )
-    metrics = compute_metrics(y, probs, store.class_names, threshold)
-    per_class = pd.DataFrame(metrics.pop("per_class"))
+    y, probs = explained.labels, explained.probs  # (B, K), (B, K)
     tuned = None
     if tune_split is not None and len(store.bags_in(tune_split)):
         tune_loader = make_loader(BagDataset(store, store.bags_in(tune_split)), batch_bags, False, 0)
         _, y_tune, p_tune, _ = predict_batches(model, tune_loader, dev)
         tuned = tune_thresholds(y_tune, p_tune, threshold)
-        at_tuned = compute_metrics(y, probs, store.class_names, tuned)
-        per_class["threshold_tuned"] = np.round(tuned, 6)
-        per_class["f1_tuned"] = [row["f1"] for row in at_tuned["per_class"]]
-        metrics["tuned"] = {
-            "on": tune_split,
-            "macro_f1": at_tuned["macro_f1"],
-            "micro_f1": at_tuned["micro_f1"],
-            "thresholds": dict(zip(store.class_names, tuned.round(6).tolist(), strict=True)),
-        }
+    metrics, per_class = score_report(y, probs, store.class_names, threshold, tuned, tune_split)
     metrics.update(
         {
             "model": ckpt["config"].model,
             "seed": ckpt["config"].seed,
             "split": split,
             "threshold": threshold,
-            "loss": loss,
+            "loss": explained.loss,
             "epoch": ckpt["epoch"],
         }
     )
     out = Path(out_dir)
-    write_tsv(_predictions_table(store, index, y, probs, threshold, tuned), out / "predictions.tsv")
-    write_tsv(per_class, out / "per_class.tsv")
-    write_json(metrics, out / "metrics.json")
+    index = explained.bags
+    sizes = store.bag_sizes()[index]
+    predictions = prediction_table(
+        store.bag_id[index], store.group[index], sizes, probs, store.class_names, threshold, y, tuned
+    )
+    write_tsv(predictions, out / PREDICTION_FILE)
+    write_tsv(_instances_table(store, explained), out / INSTANCE_FILE)
+    write_tsv(per_class, out / PER_CLASS_FILE)
+    write_json(metrics, out / METRICS_FILE)
     return metrics
 
 
-def _predictions_table(
-    store: BagStore,
-    index: np.ndarray,
-    y: np.ndarray,
-    probs: np.ndarray,
-    threshold: float,
-    tuned: np.ndarray | None,
-) -> pd.DataFrame:
-    names = store.class_names
-    table = pd.DataFrame({"bag_id": store.bag_id[index], "group": store.group[index]})
-    table["true_labels"] = label_lists(y > 0, names)
-    table["predicted_labels"] = label_lists(probs >= threshold, names)
-    if tuned is not None:
-        table["predicted_labels_tuned"] = label_lists(probs >= tuned, names)
-    return add_probabilities(table, probs, names)
+def _instances_table(store: BagStore, explained: Explained) -> pd.DataFrame:
+    """``instances.tsv`` of the explained bags: each instance's bag, position, image, box and score."""
+    index = explained.bags  # (B,)
+    offsets = store.bag_offsets
+    rows = np.concatenate([np.arange(offsets[b], offsets[b + 1]) for b in index])  # (N,) patch rows
+    if len(rows) != len(explained.instance_scores):
+        raise RuntimeError(f"{len(explained.instance_scores)} instance scores for {len(rows)} instances")
+    # the split's rows in one read per array (the chunks they touch), not one read per bag
+    sources = np.asarray(store.root["source_image"].oindex[rows])  # (N,)
+    boxes = np.asarray(store.root["box"].oindex[rows])  # (N, 4)
+    owner = explained.instance_bag  # (N,) position in ``index``
+    starts = offsets[index][owner]  # (N,)
+    return instance_table(
+        store.bag_id[index][owner],
+        store.group[index][owner],
+        rows - starts,
+        sources,
+        boxes,
+        explained.instance_scores,
+    )

@@ -1,10 +1,11 @@
 """Plotting functions for a training run's figures (matplotlib, headless), each saved as PNG and SVG.
 
-- ``curves``: training and validation loss and validation metrics per epoch;
+- ``curves``: training and validation loss and validation metrics per epoch, the best epoch marked;
 - ``roc``: per-class ROC curves on the evaluated split (from ``predictions.tsv``);
-- ``tsne``: tSNE of instance features before aggregation and of bag features after it (paper Fig. 6);
-- ``instance_scores``: rows of bags, their instances ordered by score (paper Fig. 7), with a second
-  model's scores (e.g. RAMIL beside HAMIL) when given.
+- ``tsne``: tSNE of instance features before aggregation (a point per instance) and of bag features after
+  it (a point per bag; paper Fig. 6);
+- ``instance_scores``: rows of bags, their highest- and lowest-scoring instances ordered by score (paper
+  Fig. 7), with a second model's scores (e.g. RAMIL beside HAMIL) when given.
 
 Deterministic for a seed: tSNE and the choice of bags use it, and SVGs carry no date or random ids.
 """
@@ -21,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
@@ -29,27 +31,66 @@ from preprocessing.io import atomic_path, read_table  # noqa: E402
 
 FORMATS = ("png", "svg")
 MAX_TSNE_INSTANCES = 3000
+MONITOR_NAMES = {"macro_auc": "macro AUC", "macro_f1": "macro F1", "micro_f1": "micro F1", "loss": "val loss"}
 
 
-def plot_curves(history_csv: str | os.PathLike[str], dest: str | os.PathLike[str], title: str = "") -> None:
-    """Training curves: train and val loss, val macro AUC / macro F1 / micro F1 per epoch."""
+def plot_curves(
+    history_csv: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    title: str = "",
+    monitor: str = "macro_f1",
+    best_epoch: int | None = None,
+) -> int | None:
+    """Training curves: train and val loss, val macro AUC / macro F1 / micro F1 per epoch (integer ticks).
+
+    The best epoch (``best_epoch``, e.g. ``best.pt``'s; else the first epoch with the best ``monitor`` score
+    in the history, as training chooses it) is marked on both panels. Macro and micro F1 are one line when
+    they are equal at every epoch (always so with one class). Returns the marked epoch (None: no epochs).
+    """
     hist = read_table_csv(history_csv)
+    if best_epoch is None:
+        best_epoch = best_epoch_of(hist, monitor)
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    ax_loss.plot(hist["epoch"], hist["train_loss"], label="train")
-    ax_loss.plot(hist["epoch"], hist["val_loss"], label="val")
+    ax_loss.plot(hist["epoch"], hist["train_loss"], label="train", marker=".")
+    ax_loss.plot(hist["epoch"], hist["val_loss"], label="val", marker=".")
     ax_loss.set(xlabel="epoch", ylabel="BCE loss", title="loss")
-    ax_loss.legend()
-    for col, name in (
-        ("val_macro_auc", "macro AUC"),
-        ("val_macro_f1", "macro F1"),
-        ("val_micro_f1", "micro F1"),
-    ):
-        ax_metric.plot(hist["epoch"], hist[col], label=name)
-    ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(0, 1), title="validation metrics")
-    ax_metric.legend()
+    curves = [("val_macro_auc", "macro AUC"), ("val_macro_f1", "macro F1"), ("val_micro_f1", "micro F1")]
+    if same_values(hist["val_macro_f1"], hist["val_micro_f1"]):
+        curves = [("val_macro_auc", "macro AUC"), ("val_macro_f1", "macro F1 = micro F1")]
+    for col, name in curves:
+        ax_metric.plot(hist["epoch"], hist[col], label=name, marker=".")
+    ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(0, 1.02), title="validation metrics")
+    if best_epoch is not None:
+        for ax in (ax_loss, ax_metric):
+            ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1)
+        ax_metric.plot([], [], color="black", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+        monitored = MONITOR_NAMES.get(monitor, monitor)
+        ax_metric.set_title(f"validation metrics (best by {monitored}: epoch {best_epoch})")
+    for ax in (ax_loss, ax_metric):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     save_figure(fig, dest)
+    return best_epoch
+
+
+def best_epoch_of(hist: pd.DataFrame, monitor: str) -> int | None:
+    """The first epoch with the best monitored validation score (lowest loss, highest metric), as training
+    picks ``best.pt``; None for an empty history. An undefined score (NaN) never wins over a defined one."""
+    if len(hist) == 0:
+        return None
+    column = "val_loss" if monitor == "loss" else f"val_{monitor}"
+    score = pd.to_numeric(hist[column], errors="coerce").to_numpy(dtype=float)
+    score = -score if monitor == "loss" else score
+    score = np.where(np.isnan(score), -np.inf, score)
+    return int(hist["epoch"].iloc[int(np.argmax(score))])
+
+
+def same_values(a: pd.Series, b: pd.Series) -> bool:
+    """Whether two metric columns agree at every epoch (NaN equal to NaN)."""
+    x, y = a.to_numpy(dtype=float), b.to_numpy(dtype=float)
+    return bool(np.allclose(x, y, rtol=0, atol=1e-9, equal_nan=True))
 
 
 def read_table_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -133,7 +174,8 @@ def plot_tsne(
     most :data:`MAX_TSNE_INSTANCES`.
     """
     rng = np.random.default_rng(seed)
-    inst = np.arange(len(explained.instance_features))
+    total = len(explained.instance_features)
+    inst = np.arange(total)
     if len(inst) > MAX_TSNE_INSTANCES:
         inst = np.sort(rng.choice(inst, MAX_TSNE_INSTANCES, replace=False))
     bag_colour = first_labels(explained.labels, class_names)
@@ -146,9 +188,22 @@ def plot_tsne(
     }
     palette["none"] = (0.6, 0.6, 0.6, 1.0)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), constrained_layout=True)
+    sampled = "" if len(inst) == len(explained.instance_features) else f" (a sample of {total:,})"
     panels = (
-        (axes[0], xy_inst, inst_colour, f"instances before aggregation ({len(inst)})", 8),
-        (axes[1], xy_bags, bag_colour, f"bags after aggregation ({len(xy_bags)})", 18),
+        (
+            axes[0],
+            xy_inst,
+            inst_colour,
+            f"instance features before aggregation:\n{len(inst):,} points, one per instance{sampled}",
+            8,
+        ),
+        (
+            axes[1],
+            xy_bags,
+            bag_colour,
+            f"bag features after aggregation:\n{len(xy_bags):,} points, one per bag",
+            18,
+        ),
     )
     for ax, xy, colours, name, size in panels:
         for label in [*class_names, "none"]:
@@ -157,36 +212,58 @@ def plot_tsne(
                 ax.scatter(xy[mask, 0], xy[mask, 1], s=size, color=palette[label], label=label, alpha=0.8)
         ax.set(title=name, xticks=[], yticks=[])
     axes[1].legend(fontsize="small", markerscale=1.2, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(title or "tSNE (coloured by the first label of the bag)")
+    fig.suptitle(f"{title or 'tSNE'}: left instances, right bags; colour: the first label of the bag")
     save_figure(fig, dest)
     return len(xy_inst), len(xy_bags)
+
+
+def top_and_bottom(scores: np.ndarray, count: int) -> tuple[np.ndarray, int | None]:
+    """Positions of a bag's instances to show, highest score first: all of them when the bag has at most
+    ``count``, else the ``ceil(count / 2)`` highest and the ``floor(count / 2)`` lowest. Returns the positions
+    and where the hidden middle lies (the number of highest shown; None when all are shown)."""
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    if len(order) <= count:
+        return order, None
+    high = (count + 1) // 2
+    return np.concatenate([order[:high], order[len(order) - (count - high) :]]), high
 
 
 def plot_instance_scores(
     rows: list[dict[str, Any]], dest: str | os.PathLike[str], names: tuple[str, ...], title: str = ""
 ) -> None:
-    """Paper Fig. 7: one row per bag, its instances ordered by the first model's score, each titled with
-    the scores of every model in ``names``.
+    """Paper Fig. 7: one row per bag, the shown instances in the given order (highest score first), each
+    titled with the scores of every model in ``names``; where a bag's middle instances are not shown, a gap
+    column says how many are left out.
 
     ``rows``: dicts with ``bag`` (str), ``labels`` (str), ``patches`` ``(n, C, H, W)`` uint8 and ``scores``
-    ``{name: (n,)}``.
+    ``{name: (n,)}`` of the shown instances in display order, ``size`` (the bag's instances) and ``gap``
+    (the position of the hidden middle, None when the whole bag is shown).
     """
-    cols = max(len(r["patches"]) for r in rows)
+    gaps = any(row.get("gap") is not None for row in rows)
+    cols = max(len(r["patches"]) for r in rows) + int(gaps)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.8 * cols, 2.1 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
-        order = np.argsort(-row["scores"][names[0]], kind="stable")
+        cells: list[int | None] = list(range(len(row["patches"])))
+        if row.get("gap") is not None:
+            cells.insert(row["gap"], None)
         for c in range(cols):
             ax = axes[r, c]
             ax.set_xticks([])
             ax.set_yticks([])
-            if c >= len(order):
+            if c == 0:
+                ax.set_ylabel(f"{row['bag']}\n{row['labels']}\n{row['size']} instances", fontsize=7)
+            if c >= len(cells):
                 ax.axis("off")
                 continue
-            k = order[c]
+            k = cells[c]
+            if k is None:  # the hidden middle of the bag
+                hidden = row["size"] - len(row["patches"])
+                ax.text(0.5, 0.5, f"… {hidden}\nnot shown …", ha="center", va="center", fontsize=7)
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                continue
             ax.imshow(np.moveaxis(row["patches"][k], 0, -1))
             ax.set_title(" · ".join(f"{n} {row['scores'][n][k]:.2f}" for n in names), fontsize=7)
-            if c == 0:
-                ax.set_ylabel(f"{row['bag']}\n{row['labels']}", fontsize=7)
-    fig.suptitle(title or "instance scores")
+    fig.suptitle(title or "instance scores", fontsize=9, wrap=True)
     fig.tight_layout()
     save_figure(fig, dest)

@@ -1,9 +1,13 @@
 """``hamil predict``: a trained checkpoint applied to your own images, grouped into bags.
 
 Input is either a folder with one sub-folder per bag (the sub-folder's name is the bag id; images with the
-extensions of :data:`preprocessing.sources.folder.EXTENSIONS` inside it), or a TSV with the columns ``bag``
-and ``path`` (relative paths resolved against the TSV's folder). Every image is checked before anything
-runs; a missing or unreadable one stops with one line naming the file.
+extensions of :data:`preprocessing.sources.folder.EXTENSIONS` inside it), or a TSV with a ``path`` column
+and a ``bag`` or ``group`` column (relative paths resolved against the TSV's folder). The training table of
+the ``folder`` source (``path, group, labels[, split]``) is such a TSV: each group is one bag (a ``bag``
+column, when present, is the bag and ``group`` the group it belongs to); with a ``labels`` column
+(``;``-separated, empty for a negative bag) the bags' labels are known and metrics are written; ``split``
+with a ``split`` column keeps only that split's rows. Every image is checked before anything runs; a
+missing or unreadable one stops with one line naming the file.
 
 Instances are made the way the checkpoint's training data were: with the crop parameters the bag store
 recorded (``ckpt["store_attrs"]["crop"]``) cells are proposed and cut (``instances: cells``) or each image
@@ -11,9 +15,12 @@ is resized to the instance shape (``instances: whole``); a checkpoint without th
 whole images resized to its ``patch_shape``, with a warning. Bags are read, cropped and classified a batch
 at a time, so memory holds one batch of bags, never the whole input.
 
-Outputs in ``out_dir`` (each written atomically): ``predictions.tsv`` (``bag, n_instances, p_<class>...,
-labels``), ``skipped.tsv`` (``bag, n_images, reason``: bags that gave no instance) and, on request,
-``instances.tsv`` (``bag, path, x0, y0, x1, y1, score``).
+Outputs in ``out_dir`` (each written atomically), in the layouts ``hamil evaluate`` writes
+(:mod:`hamil.tables`): ``predictions.tsv`` (``bag_id, group, n_instances[, true_labels],
+predicted_labels[, predicted_labels_tuned], p_<class>...``), ``skipped.tsv`` (``bag_id, n_images, reason``:
+bags that gave no instance), on request ``instances.tsv`` (``bag_id, group, instance, source_image, x0,
+y0, x1, y1, score``) and, when the labels are known, ``metrics.json`` and ``per_class.tsv`` computed as
+``hamil evaluate`` computes them (:func:`hamil.evaluate.score_report`) over the bags scored.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ import pandas as pd
 import torch
 
 from hamil.checkpoint import load_checkpoint, model_from_checkpoint
+from hamil.evaluate import INSTANCE_FILE, METRICS_FILE, PER_CLASS_FILE, PREDICTION_FILE, score_report
 from hamil.models import MILModel
 from hamil.runtime import select_device
-from hamil.tables import INSTANCE_COLUMNS, SKIPPED_COLUMNS, add_probabilities, label_lists
+from hamil.tables import SKIPPED_COLUMNS, instance_table, prediction_table
 from preprocessing.crop import CropParams, crop_field, params_from_attrs
 from preprocessing.errors import InputError
-from preprocessing.io import read_image, read_table, resolve_path, write_tsv
+from preprocessing.io import read_image, read_table, resolve_path, split_labels, write_json, write_tsv
 from preprocessing.sources.folder import EXTENSIONS, check_image
 
 __all__ = [
@@ -50,18 +58,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREDICTION_FILE = "predictions.tsv"
-INSTANCE_FILE = "instances.tsv"
 SKIPPED_FILE = "skipped.tsv"
 
 
 @dataclass(frozen=True)
 class BagImages:
-    """One input bag: its id and its images (``paths`` to read, ``shown`` as written to the outputs)."""
+    """One input bag: its id and its images (``paths`` to read, ``shown`` as written to the outputs), the
+    group it belongs to ("": the bag itself) and its labels (None: not known)."""
 
     bag: str
     paths: tuple[Path, ...]
     shown: tuple[str, ...]
+    group: str = ""
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def group_id(self) -> str:
+        return self.group or self.bag
 
 
 @dataclass
@@ -78,20 +91,27 @@ class InstanceBag:
 # ------------------------------------------------------------------------------------------------ input
 
 
-def read_bags(inputs: str | os.PathLike[str], skip: Path | None = None) -> list[BagImages]:
-    """The bags of ``inputs`` (a folder of bag sub-folders, or a ``bag``/``path`` TSV), every image checked.
+def read_bags(
+    inputs: str | os.PathLike[str], skip: Path | None = None, split: str | None = None
+) -> list[BagImages]:
+    """The bags of ``inputs`` (a folder of bag sub-folders, or a TSV), every image checked.
 
-    ``skip`` is a folder to leave out when it lies inside ``inputs`` (the output folder). Raises
-    :class:`InputError` with one line for a missing input, no bags, an empty bag, or the first unusable
-    image (missing, not an image, undecodable), naming it.
+    ``skip`` is a folder to leave out when it lies inside ``inputs`` (the output folder); ``split`` keeps
+    only a table's rows with that value in its ``split`` column. Raises :class:`InputError` with one line
+    for a missing input, no bags, an empty bag, or the first unusable image (missing, not an image,
+    undecodable), naming it.
     """
     inputs = Path(inputs)
     if inputs.is_dir():
+        if split is not None:
+            raise InputError(f"{inputs}: a split can only be chosen from a table with a split column")
         bags = _bags_from_folder(inputs, skip)
     elif inputs.is_file():
-        bags = _bags_from_table(inputs)
+        bags = _bags_from_table(inputs, split)
     else:
-        raise InputError(f"{inputs}: input not found (give a folder of bag folders or a bag/path TSV)")
+        raise InputError(
+            f"{inputs}: input not found (give a folder of bag folders or a TSV with path and bag or group)"
+        )
     _check_images(bags)
     return bags
 
@@ -125,21 +145,46 @@ def _bags_from_folder(root: Path, skip: Path | None) -> list[BagImages]:
     return bags
 
 
-def _bags_from_table(table: Path) -> list[BagImages]:
-    """Bags of a ``bag``/``path`` TSV in order of first appearance; images in table order."""
-    rows = read_table(table, ["bag", "path"])
+def _bags_from_table(table: Path, split: str | None = None) -> list[BagImages]:
+    """Bags of a TSV (``path`` and ``bag`` or ``group``; optional ``labels``, ``split``) in order of first
+    appearance; images in table order. A bag's labels are its first row's (as the bag stage takes a
+    group's); rows of one bag that disagree are warned about."""
+    rows = read_table(table, ["path"])
+    key = "bag" if "bag" in rows.columns else "group"
+    if key not in rows.columns:
+        raise InputError(f"{table}: missing columns: bag or group (the bag each image belongs to)")
+    if split is not None:
+        if "split" not in rows.columns:
+            raise InputError(f"{table}: no split column to choose the {split} split from")
+        rows = rows[rows["split"].str.strip() == split]
+        if rows.empty:
+            raise InputError(f"{table}: no rows in the {split} split")
     if rows.empty:
         raise InputError(f"{table}: no images listed (the table has a header but no rows)")
     base = table.resolve().parent
     grouped: dict[str, list[str]] = {}
-    for line, (bag, cell) in enumerate(zip(rows["bag"], rows["path"], strict=True), start=2):
+    group_of: dict[str, str] = {}
+    labels_of: dict[str, list[tuple[str, ...]]] = {}
+    groups = rows["group"] if "group" in rows.columns else rows[key]
+    labels = rows["labels"] if "labels" in rows.columns else None
+    for k, (bag, cell, group) in enumerate(zip(rows[key], rows["path"], groups, strict=True)):
+        line = int(rows.index[k]) + 2
         if not bag.strip() or not cell.strip():
-            raise InputError(f"{table}: line {line}: empty {'bag' if not bag.strip() else 'path'}")
-        grouped.setdefault(bag.strip(), []).append(cell.strip())
+            raise InputError(f"{table}: line {line}: empty {key if not bag.strip() else 'path'}")
+        bag, group = bag.strip(), group.strip() or bag.strip()
+        if group_of.setdefault(bag, group) != group:
+            raise InputError(f"{table}: line {line}: bag {bag} lies in groups {group_of[bag]} and {group}")
+        grouped.setdefault(bag, []).append(cell.strip())
+        if labels is not None:
+            labels_of.setdefault(bag, []).append(tuple(split_labels(labels.iloc[k])))
     bags = []
     for bag, cells in grouped.items():
         paths = tuple(resolve_path(cell, base) for cell in cells)
-        bags.append(BagImages(bag, paths, tuple(cells)))
+        known = labels_of.get(bag)
+        if known is not None and len(set(known)) > 1:
+            log.warning("%s: bag %s has rows with different labels; its first row's are used", table, bag)
+        group = group_of[bag] if group_of[bag] != bag else ""
+        bags.append(BagImages(bag, paths, tuple(cells), group, known[0] if known is not None else None))
     return bags
 
 
@@ -237,7 +282,7 @@ def _batches(bags: Sequence[BagImages], size: int) -> Iterator[Sequence[BagImage
 def _score_batch(
     model: MILModel, batch: Sequence[InstanceBag], device: torch.device, explain: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities ``(B, K)`` of the bags of ``batch`` and, with ``explain``, instance scores ``(N,)``."""
+    """Logits ``(B, K)`` of the bags of ``batch`` and, with ``explain``, instance scores ``(N,)``."""
     images = torch.from_numpy(np.concatenate([b.patches for b in batch])).to(device)  # (N, 3, H, W) uint8
     sizes = torch.tensor([len(b.patches) for b in batch], dtype=torch.long, device=device)  # (B,)
     if explain:
@@ -245,38 +290,33 @@ def _score_batch(
         logits, scores = out.logits, out.instance_scores.float().cpu().numpy()  # (B, K), (N,)
     else:
         logits, scores = model(images, sizes)[0], None  # (B, K)
-    return torch.sigmoid(logits.float()).cpu().numpy(), scores
+    return logits.float().cpu().numpy(), scores
 
 
-def _instance_rows(batch: Sequence[InstanceBag], scores: np.ndarray) -> list[dict]:
-    rows, offset = [], 0
-    for b in batch:
-        for source, box, score in zip(
-            b.sources, b.boxes, scores[offset : offset + len(b.patches)], strict=True
-        ):
-            x0, y0, x1, y1 = (int(v) for v in box)
-            rows.append(
-                {
-                    "bag": b.bag,
-                    "path": source,
-                    "x0": x0,
-                    "y0": y0,
-                    "x1": x1,
-                    "y1": y1,
-                    "score": round(float(score), 6),
-                }
-            )
-        offset += len(b.patches)
-    return rows
+def _instance_rows(batch: Sequence[tuple[BagImages, InstanceBag]], scores: np.ndarray) -> pd.DataFrame:
+    """``instances.tsv`` rows of one batch: each instance's bag, position, image, window and score."""
+    bag_id, group, instance, source = [], [], [], []
+    for bag, item in batch:
+        n = len(item.patches)
+        bag_id += [bag.bag] * n
+        group += [bag.group_id] * n
+        instance += range(n)
+        source += item.sources
+    boxes = np.concatenate([item.boxes for _, item in batch])  # (N, 4)
+    return instance_table(bag_id, group, instance, source, boxes, scores)
 
 
-def _prediction_table(
-    done: Sequence[tuple[str, int]], probs: np.ndarray, class_names: Sequence[str], thresholds: np.ndarray
-) -> pd.DataFrame:
-    """``bag, n_instances, p_<class>..., labels`` from probabilities ``(B, K)`` and thresholds ``(K,)``."""
-    table = add_probabilities(pd.DataFrame(done, columns=["bag", "n_instances"]), probs, class_names)
-    table["labels"] = label_lists(probs >= thresholds, class_names)
-    return table
+def _known_labels(bags: Sequence[BagImages], class_names: Sequence[str]) -> np.ndarray | None:
+    """Multi-hot labels ``(B, K)`` of ``bags`` when every bag's labels are known, else None. Labels that
+    are not checkpoint classes are ignored (as the bag stage ignores classes it did not keep), with a
+    warning naming them."""
+    if not bags or any(b.labels is None for b in bags):
+        return None
+    other = sorted({label for b in bags for label in b.labels} - set(class_names))
+    if other:
+        shown = ", ".join(other[:10]) + (f", ... ({len(other)} in all)" if len(other) > 10 else "")
+        log.warning("labels that are not classes of the checkpoint are ignored: %s", shown)
+    return np.array([[c in b.labels for c in class_names] for b in bags], dtype=np.float32)  # (B, K)
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -291,21 +331,24 @@ def predict_images(
     instance_scores: bool = False,
     device: str = "auto",
     batch_bags: int = 8,
+    split: str | None = None,
 ) -> Path:
     """Classify the bags of ``inputs`` with ``checkpoint``; write the outputs into ``out_dir``, return it.
 
-    ``labels`` holds the classes whose probability is ``>= threshold``, or ``>=`` the per-class tuned
-    thresholds of a ``per_class.tsv`` given as ``thresholds``. ``instance_scores`` also writes
-    ``instances.tsv``: each instance's window in its image and its score (:meth:`MILModel.explain`: the
-    aggregator's own scores, or the cosine similarity to the bag feature). Bags that give no instance (no
-    cell found) are left out of ``predictions.tsv`` and listed in ``skipped.tsv``.
+    ``predicted_labels`` holds the classes whose probability is ``>= threshold``; with ``thresholds`` (a
+    ``per_class.tsv`` of ``hamil evaluate``) ``predicted_labels_tuned`` those ``>=`` its tuned thresholds.
+    ``instance_scores`` also writes ``instances.tsv``: each instance's window in its image and its score
+    (:meth:`MILModel.explain`: the aggregator's own scores, or the cosine similarity to the bag feature).
+    Bags that give no instance (no cell found) are left out of ``predictions.tsv`` and listed in
+    ``skipped.tsv``. When the input table has labels, ``metrics.json`` and ``per_class.tsv`` are those
+    ``hamil evaluate`` would write for the bags scored. ``split`` keeps a table's rows of that split.
     """
     out = Path(out_dir)
     ckpt = load_checkpoint(checkpoint)
     class_names = list(ckpt["class_names"])
-    cut = thresholds_for(class_names, threshold, thresholds)
+    tuned = None if thresholds is None else read_thresholds(thresholds, class_names)
     params = crop_params_of(ckpt.get("store_attrs") or {}, checkpoint)
-    bags = read_bags(inputs, skip=out)
+    bags = read_bags(inputs, skip=out, split=split)
     dev = select_device(device)
     model = model_from_checkpoint(ckpt, dev)
     log.info(
@@ -317,8 +360,54 @@ def predict_images(
         dev,
     )
     limit = ((ckpt.get("store_attrs") or {}).get("bags") or {}).get("max_bag_size")
-    done, probs, instance_rows, skipped = _run(model, bags, params, dev, batch_bags, instance_scores, limit)
-    _write_outputs(out, done, probs, class_names, cut, instance_rows, skipped, instance_scores)
+    done, logits, instance_rows, skipped = _run(model, bags, params, dev, batch_bags, instance_scores, limit)
+    _write_skipped(out, skipped, len(done))
+    probs = torch.sigmoid(torch.from_numpy(logits)).numpy()  # (B, K), float32 as in evaluate
+    scored = [bag for bag, _ in done]
+    y = _known_labels(scored, class_names)  # (B, K) or None
+    table = prediction_table(
+        [b.bag for b in scored],
+        [b.group_id for b in scored],
+        [n for _, n in done],
+        probs,
+        class_names,
+        threshold,
+        y,
+        tuned,
+    )
+    write_tsv(table, out / PREDICTION_FILE)
+    if instance_scores:
+        write_tsv(pd.concat(instance_rows, ignore_index=True), out / INSTANCE_FILE)
+    log.info("predictions for %d bag(s) in %s", len(done), out / PREDICTION_FILE)
+    if y is not None:
+        metrics, per_class = score_report(
+            y, probs, class_names, threshold, tuned, None if thresholds is None else str(thresholds)
+        )
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.from_numpy(logits), torch.from_numpy(y)
+        )
+        metrics.update(
+            {
+                "model": ckpt["config"].model,
+                "seed": ckpt["config"].seed,
+                "split": split,
+                "threshold": threshold,
+                "loss": float(loss),
+                "epoch": ckpt["epoch"],
+                "inputs": str(inputs),
+                "bags_skipped": len(skipped),
+            }
+        )
+        write_tsv(per_class, out / PER_CLASS_FILE)
+        write_json(metrics, out / METRICS_FILE)
+        log.info(
+            "metrics of %d labelled bag(s) in %s: macro AUC %s, macro F1 %.4f, micro F1 %.4f",
+            len(done),
+            out / METRICS_FILE,
+            metrics["macro_auc"],
+            metrics["macro_f1"],
+            metrics["micro_f1"],
+        )
     return out
 
 
@@ -356,57 +445,46 @@ def _run(
     batch_bags: int,
     explain: bool,
     max_bag_size: int | None = None,
-) -> tuple[list[tuple[str, int]], np.ndarray, list[dict], list[dict]]:
+) -> tuple[list[tuple[BagImages, int]], np.ndarray, list[pd.DataFrame], list[dict]]:
     """Crop and classify batch by batch; only one batch's patches are in memory at a time.
 
-    Returns ``(bag, n_instances)`` of the scored bags, their probabilities ``(B, K)``, instance rows and
-    skipped-bag rows.
+    Returns ``(bag, n_instances)`` of the scored bags, their logits ``(B, K)``, instance tables (one per
+    batch) and skipped-bag rows.
     """
-    done: list[tuple[str, int]] = []
-    probs: list[np.ndarray] = []
-    instance_rows: list[dict] = []
+    done: list[tuple[BagImages, int]] = []
+    logits: list[np.ndarray] = []
+    instance_rows: list[pd.DataFrame] = []
     skipped: list[dict] = []
     for chunk in _batches(bags, batch_bags):
         batch = []
-        for item in (bag_instances(bag, params) for bag in chunk):
+        for bag in chunk:
+            item = bag_instances(bag, params)
             if len(item.patches):
-                batch.append(item)
+                batch.append((bag, item))
                 continue
             log.warning("bag %s: no instance found in its %d image(s); skipped", item.bag, item.n_images)
             skipped.append(
-                {"bag": item.bag, "n_images": item.n_images, "reason": "no cell found in any image"}
+                {"bag_id": item.bag, "n_images": item.n_images, "reason": "no cell found in any image"}
             )
         if not batch:
             continue
-        _warn_large_bags(batch, max_bag_size)
-        p, scores = _score_batch(model, batch, device, explain)  # (b, K), (n,)
-        probs.append(p)
+        items = [item for _, item in batch]
+        _warn_large_bags(items, max_bag_size)
+        z, scores = _score_batch(model, items, device, explain)  # (b, K), (n,)
+        logits.append(z)
         if scores is not None:
-            instance_rows.extend(_instance_rows(batch, scores))
-        done.extend((b.bag, len(b.patches)) for b in batch)
-    return done, (np.concatenate(probs) if probs else np.zeros((0, 0))), instance_rows, skipped
+            instance_rows.append(_instance_rows(batch, scores))
+        done.extend((bag, len(item.patches)) for bag, item in batch)
+    return done, (np.concatenate(logits) if logits else np.zeros((0, 0))), instance_rows, skipped
 
 
-def _write_outputs(
-    out: Path,
-    done: Sequence[tuple[str, int]],
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    thresholds: np.ndarray,
-    instance_rows: list[dict],
-    skipped: list[dict],
-    instance_scores: bool,
-) -> None:
-    """Write ``skipped.tsv`` (always), then ``predictions.tsv`` and ``instances.tsv`` if a bag was scored."""
+def _write_skipped(out: Path, skipped: list[dict], scored: int) -> None:
+    """Write ``skipped.tsv`` (always); :class:`InputError` when no bag was left to score."""
     out.mkdir(parents=True, exist_ok=True)
     write_tsv(pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)), out / SKIPPED_FILE)
     if skipped:
         log.warning(
             "%d bag(s) gave no instance and were skipped, listed in %s", len(skipped), out / SKIPPED_FILE
         )
-    if not done:
+    if not scored:
         raise InputError(f"no bag gave any instance; nothing to predict (see {out / SKIPPED_FILE})")
-    write_tsv(_prediction_table(done, probs, class_names, thresholds), out / PREDICTION_FILE)
-    if instance_scores:
-        write_tsv(pd.DataFrame(instance_rows, columns=list(INSTANCE_COLUMNS)), out / INSTANCE_FILE)
-    log.info("predictions for %d bag(s) in %s", len(done), out / PREDICTION_FILE)

@@ -15,7 +15,7 @@ import importlib
 import logging
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,6 +24,7 @@ from preprocessing.bags import BagParams
 from preprocessing.crop import CropParams
 from preprocessing.errors import InputError
 from preprocessing.io import DEFAULT_MAX_BAD_FRACTION, check_fraction
+from preprocessing.options import opt
 from preprocessing.sources.synthetic import SynthParams
 
 log = logging.getLogger("hamil")
@@ -35,17 +36,6 @@ DOWNLOAD_SOURCES: dict[str, tuple[str, str]] = {
     "hpa_paper": ("preprocessing.sources.hpa_paper", "HpaPaperOptions"),
     "bdgp": ("preprocessing.sources.bdgp", "BdgpOptions"),
 }
-
-
-def opt(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any:  # noqa: A002
-    """A dataclass field that is a command-line option: its default (none: required) and help text.
-
-    ``extra`` goes to the metadata: ``choices`` (allowed values), ``positional`` (an argument, not an option).
-    """
-    metadata = {"help": help, **extra}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 # ---- acquire, crop, bags ---------------------------------------------------------------------------------
@@ -258,7 +248,7 @@ class TrainJob:
 class EvaluateParams:
     checkpoint: str = opt(help="a trained checkpoint (best.pt)")
     store: str = opt(help="the bag store it was trained on")
-    out_dir: str = opt(help="output folder (metrics.json, predictions.tsv, per_class.tsv)")
+    out_dir: str = opt(help="output folder (metrics.json, per_class.tsv, predictions.tsv, instances.tsv)")
     split: str = opt("test", "the split to evaluate", choices=SPLITS)
     threshold: float = opt(0.5, "fixed decision threshold for every class (the paper's 0.5)")
     tune_split: str | None = opt(
@@ -288,9 +278,11 @@ class FigureParams:
     store: str | None = opt(None, "the bag store: adds the tSNE and instance-score figures")
     split: str = opt("test", "the split the model is applied to", choices=SPLITS)
     compare_run: list[str] = opt([], "other runs whose instance scores are shown beside")
-    bags: int = opt(4, "bags (rows) in the instance-score figure")
-    instances: int = opt(8, "instances shown per bag at most")
-    seed: int = opt(0, "seed of the tSNE and of the choice of bags")
+    bags: int = opt(4, "bags (rows) in the instance-score figure, drawn at random with the seed")
+    instances: int = opt(
+        8, "instances shown per bag at most: the highest- and lowest-scoring halves (all of a smaller bag)"
+    )
+    seed: int = opt(0, "seed of the tSNE and of the choice of bags (listed in instance_scores.tsv)")
     device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     batch_bags: int = opt(8, "whole bags per forward pass")
     threads: int | None = opt(None, "torch CPU threads (default: all cores)")
@@ -298,7 +290,7 @@ class FigureParams:
     def __post_init__(self) -> None:
         checks = {
             "bags": self.bags >= 1,
-            "instances": self.instances >= 1,
+            "instances": self.instances >= 2,  # at least the highest and the lowest
             "batch_bags": self.batch_bags >= 1,
         }
         checks |= {"threads": valid_threads(self.threads), "device": valid_device(self.device)}
@@ -320,12 +312,21 @@ class CompareParams:
 class PredictParams:
     checkpoint: str = opt(help="a trained checkpoint (best.pt)")
     inputs: str = opt(
-        help="a folder with one sub-folder of images per bag, or a TSV with columns bag and path"
+        help="a folder with one sub-folder of images per bag, or a TSV with path and bag or group "
+        "(the training table: path, group, labels[, split]; with labels, metrics are written)"
     )
-    out: str = opt(help="output folder (predictions.tsv, skipped.tsv, instances.tsv)")
-    threshold: float = opt(0.5, "one threshold for every class")
-    thresholds: str | None = opt(None, "per_class.tsv of hamil evaluate: use its tuned thresholds")
-    instance_scores: bool = opt(False, "also write instances.tsv (box and score per instance)")
+    out: str = opt(
+        help="output folder (predictions.tsv, skipped.tsv, instances.tsv; metrics.json, per_class.tsv "
+        "when the table has labels)"
+    )
+    threshold: float = opt(0.5, "one threshold for every class (predicted_labels, metrics)")
+    thresholds: str | None = opt(
+        None, "per_class.tsv of hamil evaluate: its tuned thresholds also give predicted_labels_tuned"
+    )
+    split: str | None = opt(
+        None, "score only the table's rows whose split column holds this value", choices=SPLITS
+    )
+    instance_scores: bool = opt(False, "also write instances.tsv (image, box and score per instance)")
     batch_bags: int = opt(8, "whole bags per forward pass")
     device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
@@ -441,6 +442,7 @@ def run_predict(p: PredictParams) -> None:
         out_dir=p.out,
         threshold=p.threshold,
         thresholds=p.thresholds,
+        split=p.split,
         instance_scores=p.instance_scores,
         device=p.device,
         batch_bags=p.batch_bags,

@@ -169,7 +169,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext) -> Run:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = amp_dtype(cfg.amp, device)
     pin = device.type == "cuda"
-    train_data = BagDataset(store, train_bags, cfg.max_instances, cfg.augment, cfg.seed)
+    flips = cfg.augment and cfg.flip_rotate  # orientation-changing draws; jitter is applied on the device
+    train_data = BagDataset(store, train_bags, cfg.max_instances, flips, cfg.seed)
     return Run(
         cfg,
         ctx,

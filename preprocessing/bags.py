@@ -1,8 +1,19 @@
-"""The bag stage: choose classes, cut groups into bags, split by group, write the bag store."""
+"""The bag stage: choose classes, cut groups into bags, split by group, write the bag store.
+
+Splits are per group. A ``split`` column in the patch tables (carried from the user's table through
+``images.tsv``; ``train``, ``val`` or ``test``, any case; empty: none) fixes the split of the groups whose
+rows give one: those splits are final, and a group whose rows give two splits is refused. The groups
+without one are drawn into train/val/test by ``split_ratio`` (e.g. a table that gives ``test`` for the test
+groups and leaves the others empty, with ``split_ratio: [4, 1, 0]``, draws a validation part out of the
+rest). A group with more than ``max_bag_size`` instances is cut into several bags, each with the group's
+labels (as the paper does for HPA proteins); a part may then miss the instances that carry a label.
+``max_bag_size: null`` keeps every group whole (training then sub-samples with ``max_instances``).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import zlib
@@ -18,25 +29,36 @@ import zarr
 
 from preprocessing.errors import InputError
 from preprocessing.io import BOX_COLUMNS, PATCH_COLUMNS, read_table, split_labels, write_json, write_tsv
+from preprocessing.options import opt
 from preprocessing.store import CODECS, SPLITS, write_bag_store
+
+SPLIT_COLUMN = "split"  # optional column of the patch tables: the group's own split (train, val, test)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BagParams:
     """Parameters of the bag stage (the ``bags`` section of the config); checked on creation."""
 
-    top_k: int = 10
-    classes: tuple[str, ...] | None = None  # explicit class list; overrides top_k
-    keep_unlabelled: bool = False  # keep groups without any kept label as negative bags
-    max_bag_size: int = 32
-    split_ratio: tuple[float, float, float] = (4.0, 1.0, 5.0)
-    seed: int = 0
-    codec: str = "lz4"  # patch compression in the bag store: lz4 (fast reads), zstd (smallest) or none
+    top_k: int = opt(10, "keep the labels carried by the most groups, this many (unless classes is given)")
+    classes: tuple[str, ...] | None = opt(None, "explicit class list; overrides top_k")
+    keep_unlabelled: bool = opt(False, "keep groups without any kept label, as negative bags")
+    max_bag_size: int | None = opt(
+        32,
+        "cut larger groups into bags of at most this many instances, each with the group's labels "
+        "(none: one bag per group)",
+    )
+    split_ratio: tuple[float, float, float] = opt(
+        (4.0, 1.0, 5.0), "train, val, test proportions for the groups without a split of their own"
+    )
+    seed: int = opt(0, "seed of the group split and of the bag cutting")
+    codec: str = opt("lz4", "patch compression in the bag store: lz4 (fast reads), zstd (smallest) or none")
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise InputError(f"top_k must be >= 1, got {self.top_k}")
-        if self.max_bag_size < 1:
+        if self.max_bag_size is not None and self.max_bag_size < 1:
             raise InputError(f"max_bag_size must be >= 1, got {self.max_bag_size}")
         ratio = np.asarray(self.split_ratio, dtype=np.float64)
         if ratio.shape != (3,) or (ratio < 0).any() or ratio.sum() <= 0:
@@ -72,13 +94,13 @@ def split_groups(groups: Iterable[str], ratio: Sequence[float], seed: int) -> di
     return {names[i]: int(assignment[k]) for k, i in enumerate(order)}
 
 
-def cut_group(n: int, max_bag_size: int, group: str, seed: int) -> list[np.ndarray]:
+def cut_group(n: int, max_bag_size: int | None, group: str, seed: int) -> list[np.ndarray]:
     """Split a group's ``n`` instances into ``ceil(n / max_bag_size)`` near-equal bags (sizes differ by ≤ 1).
 
     Instances are shuffled with a generator seeded by ``seed`` and the group name (stable across runs
-    and Python versions); each bag's indices are returned sorted.
+    and Python versions); each bag's indices are returned sorted. ``max_bag_size`` ``None``: one bag.
     """
-    if n <= max_bag_size:
+    if max_bag_size is None or n <= max_bag_size:
         return [np.arange(n)]
     rng = np.random.default_rng([seed, zlib.crc32(group.encode())])
     parts = np.array_split(rng.permutation(n), math.ceil(n / max_bag_size))
@@ -96,7 +118,10 @@ def build_bags(
 ) -> dict[str, Any]:
     """Gather the patch shards of a dataset into one bag store and a readable ``bags.tsv``.
 
-    Returns (and writes beside ``dest_table`` as ``bags.json``) counts of bags, patches and dropped groups.
+    Returns (and writes beside ``dest_table`` as ``bags.json``) counts of bags, patches and dropped groups,
+    of the groups that came with a split of their own (``groups_with_given_split``, per split in
+    ``groups_given_per_split``) and of the groups cut into several bags (``groups_cut``, giving
+    ``bags_from_cut_groups`` bags).
     """
     if len(shard_tables) != len(shard_stores):
         raise ValueError("one table per shard store is required")
@@ -107,7 +132,9 @@ def build_bags(
         g: split_labels(s) for g, s in patches.groupby("group", sort=True)["labels"].first().items()
     }
     classes, kept = _choose_classes(group_labels, params, str(shard_tables[0]))
-    bags, picked = _cut_bags(patches, kept, group_labels, params)
+    given = {g: s for g, s in given_splits(patches, shard_tables).items() if g in kept}
+    bags, picked = _cut_bags(patches, kept, group_labels, params, given)
+    cut = _log_splits_and_cuts(bags, kept, given, params)
     labels = np.array([[c in set(ls) for c in classes] for ls in bags["all_labels"]], dtype=np.uint8)
     sources = [zarr.open_array(Path(s) / "patches", mode="r") for s in shard_stores]
     attrs = {
@@ -138,6 +165,9 @@ def build_bags(
         "patches": len(picked),
         "groups": len(kept),
         "groups_dropped_without_label": len(group_labels) - len(kept),
+        "groups_with_given_split": len(given),
+        "groups_given_per_split": {s: sum(v == i for v in given.values()) for i, s in enumerate(SPLITS)},
+        **cut,
         "bags_per_split": {s: int((bags["split"] == i).sum()) for i, s in enumerate(SPLITS)},
         "instances_per_split": {
             s: int(bags.loc[bags["split"] == i, "n_patches"].sum()) for i, s in enumerate(SPLITS)
@@ -167,12 +197,91 @@ def _choose_classes(
     return classes, kept
 
 
+def given_splits(patches: pd.DataFrame, tables: Sequence[str | os.PathLike[str]]) -> dict[str, int]:
+    """The groups' own splits from the ``split`` column of the patch rows: {group: 0 train, 1 val, 2 test}.
+
+    Values are case-insensitive; empty cells (or no column) give none. Groups whose rows give no split
+    are left out; a group with some rows empty takes the split its other rows give. :class:`InputError`
+    with one line: naming the table and line of an invalid value, or a group whose rows give two splits.
+    ``patches`` holds the rows of ``tables`` with the columns ``shard`` and ``_line`` (as read here).
+    """
+    if SPLIT_COLUMN not in patches.columns:
+        return {}
+    values = patches[SPLIT_COLUMN].fillna("").astype(str).str.strip().str.lower()
+    bad = np.flatnonzero(~values.isin(["", *SPLITS]).to_numpy())
+    if len(bad):
+        row = patches.iloc[bad[0]]
+        raise InputError(
+            f"{tables[int(row['shard'])]}: line {int(row['_line'])}: split must be train, val, test or "
+            f"empty, got {row[SPLIT_COLUMN]!r}" + (f" ({len(bad)} such rows)" if len(bad) > 1 else "")
+        )
+    named = values != ""
+    per_group = values[named].groupby(patches.loc[named, "group"], sort=True).unique()
+    for group, splits in per_group.items():
+        if len(splits) > 1:
+            shown = " and ".join(sorted(splits, key=SPLITS.index))
+            shard = int(patches.loc[patches["group"] == group, "shard"].iloc[0])
+            raise InputError(
+                f"{tables[shard]}: group {group!r} straddles splits {shown}: all rows of a group must "
+                "give one split, or none"
+            )
+    partial = sorted(set(patches.loc[~named, "group"]) & set(per_group.index))
+    if partial:
+        log.warning(
+            "bags: %d group(s) give a split on only some of their rows, e.g. %r: the other rows take it",
+            len(partial),
+            partial[0],
+        )
+    return {str(g): SPLITS.index(s[0]) for g, s in per_group.items()}
+
+
+def _log_splits_and_cuts(
+    bags: pd.DataFrame, kept: set[str], given: Mapping[str, int], params: BagParams
+) -> dict[str, int]:
+    """Log how many groups came with their own split and how many were cut into several bags; return the
+    latter counts for ``bags.json`` (``groups_cut``, ``bags_from_cut_groups``)."""
+    per_split = Counter(given.values())
+    log.info(
+        "bags: %d of %d groups came with a split (train %d, val %d, test %d); %d drawn by split_ratio %s",
+        len(given),
+        len(kept),
+        per_split[0],
+        per_split[1],
+        per_split[2],
+        len(kept) - len(given),
+        list(params.split_ratio),
+    )
+    per_group = bags["group"].value_counts()
+    cut = per_group[per_group > 1]
+    if params.max_bag_size is None:
+        log.info(
+            "bags: max_bag_size none: every group is one bag (the largest has %d instances)",
+            int(bags["n_patches"].max()),
+        )
+    elif len(cut):
+        log.info(
+            "bags: %d of %d groups had more than max_bag_size %d instances and were cut into %d bags, each "
+            "with its group's labels (a part may miss the instances that carry a label; max_bag_size: null "
+            "keeps groups whole)",
+            len(cut),
+            len(kept),
+            params.max_bag_size,
+            int(cut.sum()),
+        )
+    return {"groups_cut": len(cut), "bags_from_cut_groups": int(cut.sum())}
+
+
 def _cut_bags(
-    patches: pd.DataFrame, kept: set[str], group_labels: Mapping[str, Sequence[str]], params: BagParams
+    patches: pd.DataFrame,
+    kept: set[str],
+    group_labels: Mapping[str, Sequence[str]],
+    params: BagParams,
+    given: Mapping[str, int],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split the kept groups and cut each into bags: (one row per bag: ``bag_id, group, split, n_patches,
-    all_labels``; the patch rows in bag order)."""
-    split_of = split_groups(kept, params.split_ratio, params.seed)
+    """Split the kept groups (``given`` splits are final, the others drawn by ``split_ratio``) and cut each
+    into bags: (one row per bag: ``bag_id, group, split, n_patches, all_labels``; the patch rows in bag
+    order)."""
+    split_of = {**split_groups(kept - set(given), params.split_ratio, params.seed), **given}
     rows, picks = [], []
     for group, table in patches[patches["group"].isin(kept)].groupby("group", sort=True):
         for k, idx in enumerate(cut_group(len(table), params.max_bag_size, group, params.seed)):
@@ -221,6 +330,7 @@ def _read_patch_tables(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     for shard, path in enumerate(paths):
         table = read_table(path, PATCH_COLUMNS)
         table["shard"] = shard
+        table["_line"] = np.arange(len(table)) + 2  # the line in the file (after the header)
         tables.append(table)
     out = pd.concat(tables, ignore_index=True)
     for col in ("patch_index", *BOX_COLUMNS):

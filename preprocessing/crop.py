@@ -35,6 +35,7 @@ from preprocessing.io import (
     write_json,
     write_tsv,
 )
+from preprocessing.options import opt
 from preprocessing.proposals import BACKENDS, OPENCV_MODES, propose_boxes
 from preprocessing.store import create_patch_array
 
@@ -58,33 +59,45 @@ REJECTED_COLUMNS = ("image_id", "path", "reason")
 class CropParams:
     """Parameters of proposal, filtering and cropping (stored in the Zarr attributes); checked on creation."""
 
-    backend: str = "opencv"  # "opencv" or "selectivesearch"
-    downscale: int = 512  # longest side of the field on which proposals are computed
-    patch_size: int = 512  # output patch side
-    min_size: float = 0.08  # box side bounds, fractions of the field's shorter side
-    max_size: float = 0.45
-    max_aspect: float = 2.0
-    nms_iou: float = 0.3
-    min_nucleus_fraction: float = 0.05  # fraction of box pixels whose blue channel is above Otsu
-    max_patches_per_field: int = 50
-    square: bool = True  # expand kept boxes to squares around their centre before resizing
-    min_score: float = 0.3  # candidates scoring below are dropped (in [0, 1], see preprocessing.proposals)
-    ring: float = 0.01  # width of the background ring outside a box, fraction of the shorter side (>= 2 px)
-    gamma: float = 1.0  # proposal image: intensities (normalised to the 99.5th percentile) ** gamma
-    smooth: float = 0.0  # proposal image: Gaussian sigma, fraction of the shorter side (0: none)
-    mask_background: bool = True  # proposal image: background pixels (see foreground mask) set to 0
-    refine: float = 0.15  # also score proposals snapped to the foreground within this margin (0: off)
+    backend: str = opt(
+        "opencv", "proposal backend: opencv (ximgproc, fast) or selectivesearch (the package the paper used)"
+    )
+    downscale: int = opt(512, "longest side of the field on which proposals are computed")
+    patch_size: int = opt(512, "output patch side")
+    min_size: float = opt(0.08, "smallest box side, fraction of the field's shorter side")
+    max_size: float = opt(0.45, "largest box side, fraction of the field's shorter side")
+    max_aspect: float = opt(2.0, "largest box aspect ratio (long side / short side)")
+    nms_iou: float = opt(
+        0.3, "non-maximum suppression: boxes overlapping a better one by more than this IoU are dropped"
+    )
+    min_nucleus_fraction: float = opt(0.05, "fraction of box pixels whose blue channel is above Otsu")
+    max_patches_per_field: int = opt(50, "at most this many patches per field (best scores first)")
+    square: bool = opt(True, "expand kept boxes to squares around their centre before resizing")
+    min_score: float = opt(
+        0.3, "candidates scoring below are dropped (in [0, 1], see preprocessing.proposals)"
+    )
+    ring: float = opt(
+        0.01, "width of the background ring outside a box, fraction of the shorter side (>= 2 px)"
+    )
+    gamma: float = opt(1.0, "proposal image: intensities (normalised to the 99.5th percentile) ** gamma")
+    smooth: float = opt(0.0, "proposal image: Gaussian sigma, fraction of the shorter side (0: none)")
+    mask_background: bool = opt(True, "proposal image: background pixels (see foreground mask) set to 0")
+    refine: float = opt(0.15, "also score proposals snapped to the foreground within this margin (0: off)")
     # opencv backend
-    opencv_mode: str = "single"  # "fast" (switchToSelectiveSearchFast), "single" or "quality"
-    opencv_k: int = 300  # graph-segmentation k (base_k for fast/quality; inc_k = k)
-    opencv_sigma: float = 0.8
+    opencv_mode: str = opt("single", "opencv backend: fast (switchToSelectiveSearchFast), single or quality")
+    opencv_k: int = opt(300, "opencv backend: graph-segmentation k (base_k for fast/quality; inc_k = k)")
+    opencv_sigma: float = opt(0.8, "opencv backend: graph-segmentation Gaussian sigma")
     # selectivesearch backend (felzenszwalb parameters at the downscaled resolution)
-    ss_scale: float = 100.0
-    ss_sigma: float = 0.9
-    ss_min_size: int = 50
+    ss_scale: float = opt(100.0, "selectivesearch backend: felzenszwalb scale at the downscaled resolution")
+    ss_sigma: float = opt(0.9, "selectivesearch backend: felzenszwalb sigma")
+    ss_min_size: int = opt(50, "selectivesearch backend: felzenszwalb minimum component size")
     # whole images as instances (BDGP embryos, already cropped patches): no proposals, just a resize
-    instances: str = "cells"  # "cells" (selective-search crops) or "whole" (each image is one instance)
-    whole_size: tuple[int, int] | None = None  # (height, width) of whole-image instances; None: patch_size
+    instances: str = opt(
+        "cells", "cells (boxes proposed and cut) or whole (each image is one instance, resized)"
+    )
+    whole_size: tuple[int, int] | None = opt(
+        None, "HEIGHT WIDTH of whole-image instances (default: patch_size square)"
+    )
 
     @property
     def instance_shape(self) -> tuple[int, int]:

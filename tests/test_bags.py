@@ -169,3 +169,125 @@ def test_published_counts_are_printed_beside_ours(tmp_path, two_shards):
     assert published["val"]["ours_over_paper_instances"] == round(ours["val"] / 40, 4)
     paper.write_text("split\tbags\tinstances\ntrain\t10\t100\n")
     assert main([*args, "--paper-counts", str(paper)]) == 2  # a split missing: one line
+
+
+# ------------------------------------------------------------ own splits, cutting groups (through the CLI)
+
+
+def _bags_cli(tables, stores, out, *extra: str) -> int:
+    from hamil.cli import main
+
+    args = ["bags", "--tables", *map(str, tables), "--stores", *map(str, stores)]
+    args += ["--out-store", str(out.with_suffix(".zarr")), "--out-table", str(out / "bags.tsv")]
+    return main([*args, "--top-k", "5", "--keep-unlabelled", *extra])
+
+
+def _with_splits(tables, splits: dict[str, str]) -> None:
+    """Add a ``split`` column to the shard tables: ``splits[group]``, empty for groups not named."""
+    for path in tables:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        table["split"] = [splits.get(g, "") for g in table["group"]]
+        table.to_csv(path, sep="\t", index=False)
+
+
+def _read_bags(out):
+    return pd.read_csv(out / "bags.tsv", sep="\t", dtype=str, keep_default_na=False)
+
+
+def test_given_splits_are_final_and_split_ratio_draws_only_the_others(tmp_path, two_shards, caplog):
+    """Groups with a split in the ``split`` column (any case) keep it; the others are drawn by split_ratio,
+    exactly as split_groups draws them alone. The log and bags.json count the groups that came with one."""
+    import json
+    import logging
+
+    tables, stores, groups = two_shards
+    given = {"G00": "Test", "G01": "test", "G02": "VAL", "G03": "train", "G04": "test"}
+    _with_splits(tables, given)
+    out = tmp_path / "ds"
+    with caplog.at_level(logging.INFO):
+        assert _bags_cli(tables, stores, out, "--split-ratio", "3", "1", "0", "--seed", "4") == 0
+    split = _read_bags(out).groupby("group")["split"].agg(set).to_dict()
+    assert all(len(s) == 1 for s in split.values())
+    split = {g: s.pop() for g, s in split.items()}
+    assert {g: split[g] for g in given} == {g: s.lower() for g, s in given.items()}
+    rest = sorted(set(groups) - set(given))
+    drawn = split_groups(rest, (3, 1, 0), 4)
+    assert {g: split[g] for g in rest} == {g: ["train", "val", "test"][drawn[g]] for g in rest}
+    assert {split[g] for g in rest} == {"train", "val"}  # a validation part out of the unsplit groups
+    stats = json.loads((out / "bags.json").read_text())
+    assert stats["groups_with_given_split"] == 5
+    assert stats["groups_given_per_split"] == {"train": 1, "val": 1, "test": 3}
+    assert (
+        f"bags: 5 of {len(groups)} groups came with a split (train 1, val 1, test 3); 8 drawn" in caplog.text
+    )
+
+
+def test_a_group_straddling_splits_is_refused_in_one_line(tmp_path, two_shards, capsys):
+    tables, stores, _ = two_shards
+    _with_splits(tables, {"G00": "train"})
+    table = pd.read_csv(tables[0], sep="\t", dtype=str, keep_default_na=False)
+    table.loc[table.index[table["group"] == "G00"][-1], "split"] = "test"
+    table.to_csv(tables[0], sep="\t", index=False)
+    assert _bags_cli(tables, stores, tmp_path / "ds") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert f"{tables[0]}: group 'G00' straddles splits train and test" in err
+    assert not (tmp_path / "ds.zarr").exists()
+
+
+def test_an_invalid_split_value_names_the_table_and_line(tmp_path, two_shards, capsys):
+    tables, stores, _ = two_shards
+    _with_splits(tables, {"G01": "validation"})
+    line = pd.read_csv(tables[1], sep="\t")["group"].tolist().index("G01") + 2
+    assert _bags_cli(tables, stores, tmp_path / "ds") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert f"{tables[1]}: line {line}: split must be train, val, test or empty, got 'validation'" in err
+
+
+def test_cut_groups_are_counted_and_max_bag_size_none_keeps_groups_whole(tmp_path, two_shards, caplog):
+    """Groups larger than max_bag_size are cut (each part with the group's labels): the log and bags.json
+    say how many and into how many bags. ``--max-bag-size none`` (config ``max_bag_size: null``) keeps one
+    bag per group."""
+    import json
+    import logging
+
+    tables, stores, groups = two_shards
+    sizes = {g: n for g, (n, _) in groups.items()}
+    big = {g: n for g, n in sizes.items() if n > 10}
+    assert big  # the fixture has groups to cut
+    with caplog.at_level(logging.INFO):
+        assert _bags_cli(tables, stores, tmp_path / "cut", "--max-bag-size", "10") == 0
+    stats = json.loads((tmp_path / "cut" / "bags.json").read_text())
+    n_bags = sum(-(-n // 10) for n in big.values())
+    assert stats["groups_cut"] == len(big) and stats["bags_from_cut_groups"] == n_bags
+    assert f"{len(big)} of {len(groups)} groups had more than max_bag_size 10 instances" in caplog.text
+    assert f"were cut into {n_bags} bags" in caplog.text
+    cut = _read_bags(tmp_path / "cut")
+    for g in big:  # every part carries the group's labels
+        assert cut.loc[cut["group"] == g, "all_labels"].nunique() == 1
+
+    assert _bags_cli(tables, stores, tmp_path / "whole", "--max-bag-size", "none") == 0
+    whole = _read_bags(tmp_path / "whole")
+    assert sorted(whole["group"]) == sorted(groups)
+    assert {g: int(n) for g, n in zip(whole["group"], whole["n_patches"], strict=True)} == sizes
+    stats = json.loads((tmp_path / "whole" / "bags.json").read_text())
+    assert stats["groups_cut"] == 0 and stats["bags_from_cut_groups"] == 0
+    assert BagStore(tmp_path / "whole.zarr").bag_sizes().max() == max(sizes.values())
+    with pytest.raises(InputError, match="max_bag_size must be >= 1"):
+        BagParams(max_bag_size=0)
+
+
+def test_bag_params_have_help_and_the_schema_accepts_max_bag_size_null():
+    import dataclasses
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(BagParams))
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    bags = schema["$defs"]["bags"]
+    jsonschema.validate({"max_bag_size": None}, bags)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"max_bag_size": 0}, bags)

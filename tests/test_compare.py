@@ -16,9 +16,11 @@ from hamil.metrics import tune_thresholds
 from preprocessing.errors import InputError
 
 
-def write_metrics(folder, model, seed, auc, mf1, mif1, tuned=None):
+def write_metrics(folder, model, seed, auc, mf1, mif1, tuned=None, subset=None):
     path = folder / f"{model}_{seed}.json"
     data = {"model": model, "seed": seed, "macro_auc": auc, "macro_f1": mf1, "micro_f1": mif1}
+    if subset is not None:
+        data["subset_accuracy"] = subset
     if tuned is not None:
         data["tuned"] = {"macro_f1": tuned[0], "micro_f1": tuned[1]}
     path.write_text(json.dumps(data))
@@ -48,7 +50,33 @@ def test_mean_and_sd_over_seeds(tmp_path):
 
 def test_without_tuned_thresholds_the_columns_are_left_out(tmp_path):
     md = compare([write_metrics(tmp_path, "max", 0, 0.7, 0.4, 0.5)], tmp_path / "c.tsv", tmp_path / "c.md")
-    assert "tuned" not in md and "| max | 1 | 0.700 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 |" in md
+    assert "tuned" not in md and "| max | 1 | 0.700 | 0.400 | 0.500 |" in md
+
+
+def test_one_seed_shows_the_value_alone_and_subset_accuracy_is_a_column(tmp_path):
+    paths = [
+        write_metrics(tmp_path, "hamil", 0, 0.90, 0.60, 0.70, subset=0.55),
+        write_metrics(tmp_path, "hamil", 1, 0.80, 0.50, 0.60, subset=0.45),
+        write_metrics(tmp_path, "max", 0, 0.7, 0.4, 0.5, subset=0.25),
+    ]
+    md = compare(paths, tmp_path / "c.tsv", tmp_path / "c.md")
+    assert "± 0.000" not in md
+    assert "| model | seeds | macro AUC | macro F1 | micro F1 | subset accuracy |" in md
+    assert "| hamil | 2 | 0.850 ± 0.071 | 0.550 ± 0.071 | 0.650 ± 0.071 | 0.500 ± 0.071 |" in md
+    assert "| max | 1 | 0.700 | 0.400 | 0.500 | 0.250 |" in md
+    table = pd.read_csv(tmp_path / "c.tsv", sep="\t").set_index("model")
+    assert table.loc["hamil", "subset_accuracy_mean"] == pytest.approx(0.5)
+
+
+def test_compare_of_evaluated_runs_has_subset_accuracy(trained_runs, tmp_path):
+    _, runs = trained_runs
+    metrics = [runs[m] / "metrics.json" for m in ("hamil", "ramil")]
+    md = compare(metrics, tmp_path / "c.tsv", tmp_path / "c.md")
+    assert "subset accuracy" in md and "± 0.000" not in md
+    for path in metrics:
+        data = json.loads(path.read_text())
+        assert f"| {data['model']} | 1 | {data['macro_auc']:.3f} |" in md
+        assert f" {data['subset_accuracy']:.3f} |" in md
 
 
 def test_bad_metrics_file_is_named(tmp_path):

@@ -315,3 +315,21 @@ def test_huge_image_header_is_rejected_not_a_crash(tmp_path: Path, monkeypatch, 
     assert main([*crop, *out, "--max-bad-fraction", "0.2"]) == 2  # 2 of 6 is too many: one line
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "2 of 6" in err and "bomb.png: image too large" in err
+
+
+def test_the_split_column_reaches_the_patch_table(tmp_path: Path) -> None:
+    """Extra columns of images.tsv (the data set's own ``split``, empty cells included) are copied to every
+    patch of the image, whole-image instances included, so the bag stage can keep the split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, split in enumerate(["train", "", "test"]):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f"f{i}.png")
+        rows.append(f"F{i}\tG{i}\tf{i}.png\ta\t{split}")
+    (tmp_path / "images.tsv").write_text("image_id\tgroup\tpath\tlabels\tsplit\n" + "\n".join(rows) + "\n")
+    params = CropParams(instances="whole", whole_size=(8, 8))
+    crop_shard(tmp_path / "images.tsv", 0, 1, tmp_path / "0.zarr", tmp_path / "0.tsv", params)
+    table = pd.read_csv(tmp_path / "0.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert table["split"].tolist() == ["train", "", "test"]
+    assert table["image_id"].tolist() == ["F0", "F1", "F2"]

@@ -295,3 +295,65 @@ def test_images_listed_twice_are_warned_about(tmp_path: Path, caplog) -> None:
     assert f"{table}: {a} is listed 2 times {both}" in warned
     assert f"{table}: {b} is listed 2 times in group 'G1': its instances count 2 times in that bag" in warned
     assert not any("c.png" in w for w in warned)
+
+
+def test_the_tables_own_split_reaches_the_bags(tmp_path: Path) -> None:
+    """A ``split`` column in the user's table (any case; empty: drawn by split_ratio) goes through
+    ``hamil download folder`` (images.tsv, lower case), ``hamil crop`` (whole images: the patch table) and
+    ``hamil bags``: every bag of a group with a given split has that split."""
+    from hamil.cli import main
+
+    (tmp_path / "img").mkdir()
+    given = {"B0": "Train", "B1": "train", "B2": "TEST", "B3": "test", "B4": "val", "B5": "", "B6": ""}
+    rows = []
+    for g, split in given.items():
+        for k in range(3):
+            Image.fromarray(_rgb()).save(tmp_path / f"img/{g}_{k}.png")
+            rows.append(
+                {
+                    "path": f"img/{g}_{k}.png",
+                    "group": g,
+                    "labels": "hit" if g in "B0B2" else "",
+                    "split": split,
+                }
+            )
+    table = _write_table(tmp_path / "in.tsv", rows)
+    raw = tmp_path / "raw"
+    assert _download_folder(table, raw) == 0
+    images = read_images_table(raw / "images.tsv")
+    assert images["split"].tolist() == [s.lower() for s in given.values() for _ in range(3)]
+
+    crop = ["crop", "--images", str(raw / "images.tsv"), "--instances", "whole", "--whole-size", "8", "8"]
+    assert main([*crop, "--out-zarr", str(tmp_path / "0.zarr"), "--out-tsv", str(tmp_path / "0.tsv")]) == 0
+    bags = ["bags", "--tables", str(tmp_path / "0.tsv"), "--stores", str(tmp_path / "0.zarr")]
+    bags += ["--out-store", str(tmp_path / "ds.zarr"), "--out-table", str(tmp_path / "ds" / "bags.tsv")]
+    bags += ["--classes", "hit", "--keep-unlabelled", "--max-bag-size", "2", "--split-ratio", "1", "0", "0"]
+    assert main(bags) == 0
+    out = pd.read_csv(tmp_path / "ds" / "bags.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert len(out) == 2 * len(given)  # 3 images per group, bags of at most 2
+    want = {g: s.lower() or "train" for g, s in given.items()}  # the unsplit groups: all drawn into train
+    assert dict(zip(out["group"], out["split"], strict=True)) == want
+    assert out.groupby("group")["split"].nunique().max() == 1
+
+
+def test_invalid_or_straddling_splits_are_refused_at_download(tmp_path: Path, capsys) -> None:
+    (tmp_path / "img").mkdir()
+    for k in range(3):
+        Image.fromarray(_rgb()).save(tmp_path / f"img/f{k}.png")
+    rows = [
+        {"path": f"img/f{k}.png", "group": "G" if k < 2 else "H", "labels": "a", "split": ""}
+        for k in range(3)
+    ]
+    rows[2]["split"] = "holdout"
+    table = _write_table(tmp_path / "in.tsv", rows)
+    assert _download_folder(table, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        "\n" not in err and f"{table}: line 4: split must be train, val, test or empty, got 'holdout'" in err
+    )
+    rows[2]["split"], rows[0]["split"], rows[1]["split"] = "", "train", "Test"
+    _write_table(table, rows)
+    assert _download_folder(table, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{table}: group 'G' straddles splits train and test" in err
+    assert not (tmp_path / "out" / "images.tsv").exists()

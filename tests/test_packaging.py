@@ -140,3 +140,24 @@ def test_only_input_errors_are_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "hamil evaluate: error: invalid option(s): threshold=2.0\n"
     with pytest.raises(InputError, match="threshold=2.0"):
         main(["-v", "evaluate", "--checkpoint", "x.pt", "--store", "s", "--out-dir", "o", "--threshold", "2"])
+
+
+def test_every_option_of_every_stage_has_help_and_shows_its_default():
+    """The help text and default of each option come from the parameter dataclasses' field metadata."""
+    import dataclasses
+
+    from hamil.stages import STAGES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, stage in STAGES.items():
+        actions = {a.dest: a for a in sub.choices[name]._actions if a.dest != "help"}
+        for cls in stage.params:
+            for f in dataclasses.fields(cls):
+                action = actions[f.name]
+                assert action.help and len(action.help.splitlines()) == 1, (name, f.name)
+                if f.default is not dataclasses.MISSING and f.default not in (None, ""):
+                    assert "(default: " in action.help, (name, f.name, action.help)
+    text = subprocess.run(
+        [sys.executable, "-m", "hamil.cli", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Adam learning rate (the paper: 1e-4) (default: 0.0001)" in " ".join(text.split())

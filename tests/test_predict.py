@@ -6,6 +6,7 @@ once with whole images as instances (a few seconds each on 32x32 patches).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from hamil.checkpoint import load_checkpoint, read_payload, save_checkpoint
 from hamil.cli import main
 from hamil.predict import bag_instances, crop_params_of, predict_images, read_bags
+from hamil.tables import INSTANCE_COLUMNS
 from preprocessing.bags import BagParams, build_bags
 from preprocessing.errors import InputError
 
@@ -131,15 +133,18 @@ def test_folder_and_tsv_inputs_agree(trained: dict, user_bags: dict, tmp_path: P
     by_folder = _predict(tmp_path / "f", ckpt, user_bags["folder"])
     by_tsv = _predict(tmp_path / "t", ckpt, user_bags["tsv"])
     classes = load_checkpoint(ckpt)["class_names"]
-    assert list(by_folder.columns) == ["bag", "n_instances", *[f"p_{c}" for c in classes], "labels"]
-    assert sorted(by_folder["bag"]) == sorted(user_bags["rows"]["bag"].unique())
+    columns = ["bag_id", "group", "n_instances", "predicted_labels", *[f"p_{c}" for c in classes]]
+    assert list(by_folder.columns) == columns
+    assert sorted(by_folder["bag_id"]) == sorted(user_bags["rows"]["bag"].unique())
+    assert (by_folder["group"] == by_folder["bag_id"]).all()  # no group given: each bag is its own
     probs = by_folder.filter(like="p_").to_numpy()
     assert ((probs >= 0) & (probs <= 1)).all()
     pd.testing.assert_frame_equal(
-        by_folder.sort_values("bag", ignore_index=True), by_tsv.sort_values("bag", ignore_index=True)
+        by_folder.sort_values("bag_id", ignore_index=True), by_tsv.sort_values("bag_id", ignore_index=True)
     )
     expected = [";".join(c for c, p in zip(classes, row, strict=True) if p >= 0.5) for row in probs]
-    assert list(by_folder["labels"]) == expected
+    assert list(by_folder["predicted_labels"]) == expected
+    assert not (tmp_path / "f" / "out" / "metrics.json").exists()  # no labels, no metrics
 
 
 def test_cells_are_cut_as_the_crop_stage_cut_them(trained: dict, user_bags: dict, tmp_path: Path) -> None:
@@ -148,12 +153,13 @@ def test_cells_are_cut_as_the_crop_stage_cut_them(trained: dict, user_bags: dict
     shard = pd.read_csv(trained["cells"]["shard"] / "0.tsv", sep="\t")
     rows = user_bags["rows"]
     per_bag = rows.groupby("bag")["image_id"].apply(lambda ids: int(shard["image_id"].isin(ids).sum()))
-    assert dict(zip(table["bag"], table["n_instances"], strict=True)) == per_bag.to_dict()
+    assert dict(zip(table["bag_id"], table["n_instances"], strict=True)) == per_bag.to_dict()
     n_images = rows.groupby("bag").size()
-    assert (table.set_index("bag")["n_instances"] > n_images).all()  # several cells per field
+    assert (table.set_index("bag_id")["n_instances"] > n_images).all()  # several cells per field
     instances = pd.read_csv(tmp_path / "out" / "instances.tsv", sep="\t")
-    assert list(instances.columns) == ["bag", "path", "x0", "y0", "x1", "y1", "score"]
+    assert list(instances.columns) == list(INSTANCE_COLUMNS)
     assert len(instances) == table["n_instances"].sum()
+    assert (instances.groupby("bag_id")["instance"].max() + 1).to_dict() == per_bag.to_dict()
     assert np.isfinite(instances["score"]).all()
     # the same windows and pixels as the crop stage
     params = crop_params_of(load_checkpoint(ckpt)["store_attrs"], ckpt)
@@ -174,10 +180,10 @@ def test_whole_image_checkpoint_gives_one_instance_per_image(
     )
     table = pd.read_csv(out / "predictions.tsv", sep="\t")
     n_images = user_bags["rows"].groupby("bag").size()
-    assert table.set_index("bag")["n_instances"].to_dict() == n_images.to_dict()
+    assert table.set_index("bag_id")["n_instances"].to_dict() == n_images.to_dict()
     instances = pd.read_csv(out / "instances.tsv", sep="\t")
     assert (instances[["x0", "y0"]] == 0).all().all() and (instances[["x1", "y1"]] == 256).all().all()
-    assert sorted(instances["path"]) == sorted(user_bags["rows"]["path"])
+    assert sorted(instances["source_image"]) == sorted(user_bags["rows"]["path"])
 
 
 def test_checkpoint_without_crop_uses_whole_images(
@@ -191,7 +197,8 @@ def test_checkpoint_without_crop_uses_whole_images(
         table = _predict(tmp_path, old, user_bags["folder"])
     assert "does not record how its data were cropped" in caplog.text
     assert (
-        table.set_index("bag")["n_instances"].to_dict() == user_bags["rows"].groupby("bag").size().to_dict()
+        table.set_index("bag_id")["n_instances"].to_dict()
+        == user_bags["rows"].groupby("bag").size().to_dict()
     )
 
 
@@ -210,7 +217,10 @@ def test_tuned_thresholds_from_evaluate(trained: dict, user_bags: dict, tmp_path
     classes = list(per_class["class"])
     cut = dict(zip(classes, per_class["threshold_tuned"], strict=True))
     expected = [";".join(c for c in classes if row[f"p_{c}"] >= cut[c]) for _, row in table.iterrows()]
-    assert list(table["labels"]) == expected and all(classes[0] in labels for labels in table["labels"])
+    tuned = table["predicted_labels_tuned"]
+    assert list(tuned) == expected and all(classes[0] in labels for labels in tuned)
+    fixed = [";".join(c for c in classes if row[f"p_{c}"] >= 0.5) for _, row in table.iterrows()]
+    assert list(table["predicted_labels"]) == fixed
 
 
 def test_bag_without_cells_is_skipped(trained: dict, user_bags: dict, tmp_path: Path, caplog) -> None:
@@ -220,9 +230,9 @@ def test_bag_without_cells_is_skipped(trained: dict, user_bags: dict, tmp_path: 
     Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(folder / "dark" / "black.png")
     with caplog.at_level(logging.WARNING):
         table = _predict(tmp_path, trained["cells"]["checkpoint"], folder)
-    assert "dark" not in set(table["bag"]) and len(table) == user_bags["rows"]["bag"].nunique()
+    assert "dark" not in set(table["bag_id"]) and len(table) == user_bags["rows"]["bag"].nunique()
     skipped = pd.read_csv(tmp_path / "out" / "skipped.tsv", sep="\t")
-    assert list(skipped["bag"]) == ["dark"] and skipped["n_images"].tolist() == [1]
+    assert list(skipped["bag_id"]) == ["dark"] and skipped["n_images"].tolist() == [1]
     assert "bag dark: no instance found" in caplog.text
 
 
@@ -241,10 +251,104 @@ def test_large_bag_warning_counts_instances_not_images(
     shutil.copy(sources[0], folder / "small" / "0.png")
     with caplog.at_level(logging.WARNING):
         table = _predict(tmp_path, trained["cells"]["checkpoint"], folder)
-    n = dict(zip(table["bag"], table["n_instances"], strict=True))
+    n = dict(zip(table["bag_id"], table["n_instances"], strict=True))
     assert n["big"] > 4 >= n["small"]
     assert "more instances than the training bags had (max_bag_size 4), e.g. big" in caplog.text
     assert "small" not in caplog.text.split("e.g.")[-1]
+
+
+def _training_table(trained: dict, path: Path) -> pd.DataFrame:
+    """The whole-image store's images as a user's training table (``path, group, labels, split``), the
+    split of each group taken from the store's ``bags.tsv``; only groups the bag stage kept."""
+    bags = pd.read_csv(trained["root"] / "whole" / "bags.tsv", sep="\t", keep_default_na=False)
+    assert bags.groupby("group").size().max() == 1, "a group cut into several bags: bags would differ"
+    split_of = dict(zip(bags["group"], bags["split"], strict=True))
+    images = pd.read_csv(trained["raw"] / "images.tsv", sep="\t", keep_default_na=False)
+    images = images[images["group"].isin(split_of)]
+    table = pd.DataFrame(
+        {
+            "path": [str(trained["raw"] / p) for p in images["path"]],
+            "group": images["group"],
+            "labels": images["labels"],
+            "split": [split_of[g] for g in images["group"]],
+        }
+    )
+    table.to_csv(path, sep="\t", index=False)
+    return images
+
+
+def test_predict_on_a_labelled_table_reproduces_evaluate(trained: dict, tmp_path: Path) -> None:
+    """The training table of one split given to predict: whole images make the instances identical, so
+    predictions, metrics.json, per_class.tsv and instance scores equal evaluate's on that split."""
+    ckpt, store, split = trained["whole"]["checkpoint"], trained["whole"]["store"], "train"
+    ev, pr = tmp_path / "ev", tmp_path / "pr"
+    args = ["evaluate", "--checkpoint", str(ckpt), "--store", str(store), "--out-dir", str(ev)]
+    assert main([*args, "--split", split]) == 0
+    images = _training_table(trained, tmp_path / "table.tsv")
+    args = ["predict", "--checkpoint", str(ckpt), "--inputs", str(tmp_path / "table.tsv"), "--out", str(pr)]
+    args += ["--split", split, "--thresholds", str(ev / "per_class.tsv"), "--instance-scores"]
+    assert main(args) == 0
+    # metrics.json: the same numbers and keys (predict adds where its bags came from)
+    want = json.loads((ev / "metrics.json").read_text())
+    got = json.loads((pr / "metrics.json").read_text())
+    assert got["bags"] == want["bags"] >= 3
+    assert set(got) - set(want) == {"inputs", "bags_skipped"} and got["bags_skipped"] == 0
+    assert got["tuned"].pop("on") == str(ev / "per_class.tsv") and want["tuned"].pop("on") == "val"
+    assert got["tuned"].pop("thresholds") == want["tuned"].pop("thresholds")
+    for key in ("model", "seed", "split", "threshold", "epoch", "subset_accuracy", "auc_classes"):
+        assert got[key] == want[key], key
+    for key in ("macro_auc", "macro_f1", "micro_f1", "loss", "tuned"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    pd.testing.assert_frame_equal(
+        pd.read_csv(pr / "per_class.tsv", sep="\t"), pd.read_csv(ev / "per_class.tsv", sep="\t")
+    )
+    # predictions.tsv: one layout; the store's bag ids are <group>#<part>, predict's bags are the groups
+    ev_table = pd.read_csv(ev / "predictions.tsv", sep="\t", keep_default_na=False)
+    pr_table = pd.read_csv(pr / "predictions.tsv", sep="\t", keep_default_na=False)
+    assert list(pr_table.columns) == list(ev_table.columns)
+    assert list(ev_table.columns[:6]) == [
+        "bag_id",
+        "group",
+        "n_instances",
+        "true_labels",
+        "predicted_labels",
+        "predicted_labels_tuned",
+    ]
+    assert (pr_table["bag_id"] == pr_table["group"]).all()
+    ev_table = ev_table.drop(columns="bag_id").sort_values("group", ignore_index=True)
+    pr_table = pr_table.drop(columns="bag_id").sort_values("group", ignore_index=True)
+    pd.testing.assert_frame_equal(pr_table, ev_table, check_exact=False, atol=1e-6)
+    # instances.tsv: the same scores per image (evaluate names images by id, predict by path)
+    image_id = dict(zip((str(trained["raw"] / p) for p in images["path"]), images["image_id"], strict=True))
+    ev_inst = pd.read_csv(ev / "instances.tsv", sep="\t")
+    pr_inst = pd.read_csv(pr / "instances.tsv", sep="\t")
+    assert list(pr_inst.columns) == list(ev_inst.columns) == list(INSTANCE_COLUMNS)
+    pr_inst["source_image"] = pr_inst["source_image"].map(image_id)
+    keys = ["group", "source_image", "x0", "y0", "x1", "y1"]
+    both = ev_inst.merge(pr_inst, on=keys, suffixes=("_ev", "_pr"), validate="one_to_one")
+    assert len(both) == len(ev_inst) == len(pr_inst) == ev_table["n_instances"].sum()
+    np.testing.assert_allclose(both["score_pr"], both["score_ev"], atol=1e-5)
+
+
+def test_table_layouts(trained: dict, user_bags: dict, tmp_path: Path, capsys) -> None:
+    """``bag`` and ``group`` together: the bag is scored, the group reported; a bag in two groups, a
+    split without a split column and an empty split are one-line errors."""
+    rows = user_bags["rows"][["bag", "path"]].copy()
+    rows["path"] = [str(user_bags["folder"] / p) for p in rows["path"]]
+    rows["group"] = "all"
+    rows.to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    table = _predict(tmp_path / "a", trained["whole"]["checkpoint"], tmp_path / "t.tsv")
+    assert sorted(table["bag_id"]) == sorted(rows["bag"].unique()) and set(table["group"]) == {"all"}
+    args = ["predict", "--checkpoint", str(trained["whole"]["checkpoint"]), "--out", str(tmp_path / "o")]
+    rows.loc[0, "group"] = "other"
+    rows.iloc[[0, 0]].assign(group=["x", "y"]).to_csv(tmp_path / "two.tsv", sep="\t", index=False)
+    assert main([*args, "--inputs", str(tmp_path / "two.tsv")]) == 2
+    _one_line_error(capsys, "two.tsv", "lies in groups x and y")
+    assert main([*args, "--inputs", str(tmp_path / "t.tsv"), "--split", "test"]) == 2
+    _one_line_error(capsys, "t.tsv", "no split column")
+    rows.assign(split="train").to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+    assert main([*args, "--inputs", str(tmp_path / "s.tsv"), "--split", "test"]) == 2
+    _one_line_error(capsys, "s.tsv", "no rows in the test split")
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -285,9 +389,9 @@ def test_empty_inputs_are_clear(trained: dict, tmp_path: Path, capsys) -> None:
     (tmp_path / "t.tsv").write_text("bag\tpath\n")
     assert main([*args, "--inputs", str(tmp_path / "t.tsv")]) == 2
     _one_line_error(capsys, "t.tsv", "no images listed")
-    (tmp_path / "u.tsv").write_text("group\tpath\nb\tx.png\n")
+    (tmp_path / "u.tsv").write_text("image\tpath\nb\tx.png\n")
     assert main([*args, "--inputs", str(tmp_path / "u.tsv")]) == 2
-    _one_line_error(capsys, "u.tsv", "missing columns: bag")
+    _one_line_error(capsys, "u.tsv", "missing columns: bag or group")
 
 
 def test_huge_image_header_is_one_line(

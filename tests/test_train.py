@@ -127,3 +127,63 @@ def test_schedules(tmp_path):
         TrainConfig("s", "o", schedule="linear")
     with pytest.raises(ValueError, match=r"jitter=1\.5, patience=0"):
         TrainConfig("s", "o", jitter=1.5, patience=0)
+
+
+def test_evaluate_writes_instance_scores_in_one_pass(tmp_path, trained_runs, monkeypatch):
+    """``instances.tsv`` beside the predictions: every instance of every evaluated bag with its image and
+    box from the store and the score of ``MILModel.explain``, from the same single pass as the
+    probabilities (no second pass over the split; with ``--tune-split none`` no other pass at all)."""
+    import numpy as np
+
+    import hamil.evaluate as ev
+    from hamil.checkpoint import model_from_checkpoint
+    from hamil.data import BagDataset, make_loader
+    from hamil.inference import explain_batches
+    from hamil.tables import INSTANCE_COLUMNS
+    from preprocessing.store import BagStore
+
+    store_path, runs = trained_runs
+    run = runs["hamil"]
+    preds = pd.read_csv(run / "predictions.tsv", sep="\t", keep_default_na=False)
+    inst = pd.read_csv(run / "instances.tsv", sep="\t", keep_default_na=False)
+    assert list(inst.columns) == list(INSTANCE_COLUMNS)
+    assert len(inst) == preds["n_instances"].sum()
+    sizes = inst.groupby("bag_id", sort=False)["instance"].agg(["min", "max", "size"])
+    assert list(sizes.index) == list(preds["bag_id"])
+    assert (sizes["min"] == 0).all() and (sizes["max"] + 1 == sizes["size"]).all()
+    store = BagStore(store_path)
+    bags = store.bags_in("test")
+    assert list(store.bag_id[bags]) == list(preds["bag_id"])
+    for k, bag in enumerate(bags[:3]):
+        source, box = store.instance_info(int(bag))
+        rows = inst[inst["bag_id"] == store.bag_id[bag]]
+        assert list(rows["source_image"]) == [str(s) for s in source]
+        np.testing.assert_array_equal(rows[["x0", "y0", "x1", "y1"]].to_numpy(), box)
+        assert (rows["group"] == store.group[bag]).all(), k
+    ckpt = load_checkpoint(run / "best.pt")
+    model = model_from_checkpoint(ckpt, torch.device("cpu"))
+    explained = explain_batches(model, make_loader(BagDataset(store, bags), 8, False, 0), torch.device("cpu"))
+    np.testing.assert_allclose(inst["score"], explained.instance_scores, atol=1e-5)
+    # one pass: explain only, the probabilities and the loss come with it
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return explain_batches(*args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a second pass over the data")
+
+    monkeypatch.setattr(ev, "explain_batches", counted)
+    monkeypatch.setattr(ev, "predict_batches", refused)
+    out = tmp_path / "again"
+    args = ["--checkpoint", str(run / "best.pt"), "--store", str(store_path), "--out-dir", str(out)]
+    assert main(["evaluate", *args, "--tune-split", "none"]) == 0
+    assert calls == [1]
+    again = json.loads((out / "metrics.json").read_text())
+    first = json.loads((run / "metrics.json").read_text())
+    assert again["macro_auc"] == pytest.approx(first["macro_auc"]) and "tuned" not in again
+    assert again["loss"] == pytest.approx(first["loss"], rel=1e-5)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "instances.tsv", sep="\t"), pd.read_csv(run / "instances.tsv", sep="\t")
+    )

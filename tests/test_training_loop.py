@@ -189,3 +189,15 @@ def test_checkpoint_problems_are_clear(tmp_path, small_store):
     torch.save({**ckpt, "extra": pd.DataFrame({"a": [1]})}, tmp_path / "pickled.pt")  # arbitrary objects
     with pytest.raises(InputError, match=r"pickled\.pt: corrupt or unreadable checkpoint"):
         load_checkpoint(tmp_path / "pickled.pt")  # weights_only=True refuses them
+
+
+def test_orientation_safe_augmentation_is_jitter_only(tmp_path, small_store):
+    """--no-flip-rotate keeps every instance's orientation: with the jitter off it trains exactly as
+    without augmentation, while flips and rotations (the default) change the run."""
+    common = dict(model="mean", epochs=1, dropout=0.0, max_instances=None)
+    train(_cfg(small_store, tmp_path / "plain", augment=False, **common))
+    train(_cfg(small_store, tmp_path / "safe", augment=True, flip_rotate=False, jitter=0.0, **common))
+    train(_cfg(small_store, tmp_path / "flips", augment=True, jitter=0.0, **common))
+    _assert_same_weights(tmp_path / "plain" / "last.pt", tmp_path / "safe" / "last.pt")
+    plain, flips = _weights(tmp_path / "plain" / "last.pt"), _weights(tmp_path / "flips" / "last.pt")
+    assert any(not torch.equal(plain[k], flips[k]) for k in plain)

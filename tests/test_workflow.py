@@ -244,3 +244,51 @@ def test_edits_to_a_folder_dataset_rerun_its_download(tmp_path):
     assert updated().endswith(f"Updated input files: {table}")
     Image.fromarray(np.full((6, 8, 3), 250, np.uint8)).save(images / "f3.png")  # an image replaced
     assert str(images / "f3.png") in updated()
+
+
+def _rule_blocks() -> dict[str, str]:
+    """Every rule and checkpoint of the workflow: name -> its text (up to the next rule)."""
+    import re
+
+    blocks = {}
+    for path in [REPO / "Snakefile", *sorted((REPO / "workflow/rules").glob("*.smk"))]:
+        parts = re.split(r"^(?:rule|checkpoint) (\w+):\n", path.read_text(), flags=re.MULTILINE)
+        blocks.update(dict(zip(parts[1::2], parts[2::2], strict=True)))
+    return blocks
+
+
+def test_every_job_rule_writes_a_benchmark_file():
+    """Every rule that runs something (shell, run, script) records its time and memory in benchmarks/."""
+    import re
+
+    jobs = {
+        name: text
+        for name, text in _rule_blocks().items()
+        if re.search(r"^    (shell|run|script|notebook|wrapper):", text, re.MULTILINE)
+    }
+    assert {"download", "synth", "crop_shard", "bags_dataset", "train_model", "evaluate_model"} <= set(jobs)
+    assert {"figures_run", "compare_dataset"} <= set(jobs)
+    missing = [name for name, text in jobs.items() if not re.search(r"^    benchmark:\n", text, re.MULTILINE)]
+    assert not missing, f"rules without benchmark: {missing}"
+
+
+def test_evaluation_is_scheduled_before_the_remaining_training(tmp_path):
+    """A dry run shows evaluate_model and figures_run with a higher priority than train_model, so a model's
+    metrics and figures come as soon as it is trained, not after every model."""
+    out = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/tiny.yaml")).stdout
+    priority: dict[str, set[int]] = {}
+    for job in out.split("\n\n"):
+        lines = job.strip().splitlines()
+        rule = next(
+            (line.split()[-1].rstrip(":") for line in lines if line.startswith(("rule ", "checkpoint "))),
+            None,
+        )
+        if rule is None:
+            continue
+        values = [int(line.split(":")[1]) for line in lines if line.strip().startswith("priority:")]
+        priority.setdefault(rule, set()).add(values[0] if values else 0)
+    assert priority["train_model"] == {0}
+    for rule in ("evaluate_model", "figures_run"):
+        assert min(priority[rule]) > max(priority["train_model"]), rule
+    for name in ("evaluate_hamil_seed0", "figures_hamil_seed0", "train_hamil_seed0", "compare"):
+        assert f"benchmark: benchmarks/out/tiny/{name}.tsv" in out, name

@@ -1,8 +1,12 @@
 """The ``folder`` source: a user's own images listed in a TSV, turned into the pipeline's ``images.tsv``.
 
 The input TSV has the columns ``path``, ``group`` and ``labels`` (``;``-separated, may be empty: a negative
-bag for binary or screening tasks), optionally ``image_id``, and any extra columns, which are carried over.
-Paths are relative to ``image_root`` (default: the TSV's folder) or absolute.
+bag for binary or screening tasks), optionally ``image_id`` and ``split``, and any extra columns, which are
+carried over. Paths are relative to ``image_root`` (default: the TSV's folder) or absolute.
+
+``split`` (``train``, ``val`` or ``test``, any case; empty: none) is the data set's own split, kept by the
+bag stage; groups left empty are drawn by its ``split_ratio``. It is checked here (one line naming the row
+of an invalid value, or a group whose rows give two splits) and written in lower case.
 
 Every image is checked (extension, existence, full decode with :func:`preprocessing.io.read_image`) before
 anything is written. Problems are listed in ``<out_dir>/rejected.tsv`` (columns ``path, reason``); unless
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from preprocessing.bags import SPLIT_COLUMN
 from preprocessing.errors import InputError
 from preprocessing.io import (
     DEFAULT_MAX_BAD_FRACTION,
@@ -35,6 +40,7 @@ from preprocessing.io import (
     split_labels,
     write_tsv,
 )
+from preprocessing.store import SPLITS
 
 __all__ = ["EXTENSIONS", "REJECTED_COLUMNS", "REQUIRED_COLUMNS", "check_image", "prepare_folder"]
 
@@ -69,6 +75,8 @@ def prepare_folder(
     rows = read_table(table, REQUIRED_COLUMNS)
     if rows.empty:
         raise InputError(f"{table}: no images listed (the table has a header but no rows)")
+    if SPLIT_COLUMN in rows.columns:
+        rows[SPLIT_COLUMN] = _checked_splits(rows, table)
     root = (Path(image_root) if image_root is not None else table.parent).resolve()
 
     ids = _image_ids(rows, table)
@@ -81,6 +89,25 @@ def prepare_folder(
     out = out[[r is None for r in reasons]].reset_index(drop=True)
     write_tsv(out, out_dir / "images.tsv")
     return out
+
+
+def _checked_splits(rows: pd.DataFrame, table: Path) -> list[str]:
+    """The ``split`` column in lower case; :class:`InputError` (one line) naming the line of the first
+    invalid value, or the first group whose rows give two different splits."""
+    values = [v.strip().lower() for v in rows[SPLIT_COLUMN]]
+    for i, value in enumerate(values):
+        if value not in ("", *SPLITS):
+            given = rows[SPLIT_COLUMN].iloc[i]
+            raise InputError(f"{table}: line {i + 2}: split must be train, val, test or empty, got {given!r}")
+    seen: dict[str, str] = {}
+    for group, value in zip(rows["group"].str.strip(), values, strict=True):
+        if value and seen.setdefault(group, value) != value:
+            shown = " and ".join(sorted({seen[group], value}, key=SPLITS.index))
+            raise InputError(
+                f"{table}: group {group!r} straddles splits {shown}: all rows of a group must give one "
+                "split, or none"
+            )
+    return values
 
 
 def _remove_earlier_outputs(out_dir: Path, table: Path) -> None:

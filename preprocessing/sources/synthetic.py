@@ -25,6 +25,7 @@ import pandas as pd
 
 from preprocessing.errors import InputError
 from preprocessing.io import BOX_COLUMNS, atomic_path, write_tsv
+from preprocessing.options import opt
 
 LOCATIONS: tuple[str, ...] = (
     "Nucleoplasm",
@@ -59,16 +60,16 @@ _PLACEMENT_TRIES = 300
 class SynthParams:
     """Size and randomness of a synthetic data set."""
 
-    proteins: int = 60  # number of proteins (groups)
-    fields_min: int = 3  # fields per protein, drawn uniformly in [fields_min, fields_max]
-    fields_max: int = 4
-    cells_min: int = 4  # cells per field
-    cells_max: int = 7
-    field_size: int = 512  # square field side in pixels
-    cell_size: int = 110  # typical cell diameter in pixels (varies +-20 %)
-    poor_fraction: float = 0.2  # fraction of fields of poor quality
-    label_skew: float = 1.0  # class imbalance: 1 = HPA-like (Nucleoplasm ~5x Golgi), 0 = uniform
-    seed: int = 0
+    proteins: int = opt(60, "number of proteins (groups)")
+    fields_min: int = opt(3, "fields per protein at least")
+    fields_max: int = opt(4, "fields per protein at most (drawn uniformly in [fields_min, fields_max])")
+    cells_min: int = opt(4, "cells per field at least")
+    cells_max: int = opt(7, "cells per field at most")
+    field_size: int = opt(512, "square field side in pixels")
+    cell_size: int = opt(110, "typical cell diameter in pixels (varies +-20 %)")
+    poor_fraction: float = opt(0.2, "fraction of fields of poor quality")
+    label_skew: float = opt(1.0, "class imbalance: 1 = HPA-like (Nucleoplasm ~5x Golgi), 0 = uniform")
+    seed: int = opt(0, "random seed of the whole data set")
 
     def __post_init__(self) -> None:
         """Raise :class:`InputError` naming the first inconsistent parameter."""

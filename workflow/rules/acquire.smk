@@ -53,5 +53,7 @@ checkpoint download:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/download.log",
+    benchmark:
+        "benchmarks/out/{ds}/download.tsv"
     shell:
         "hamil download {params.source} --out data/raw/{wildcards.ds} {params.options} > {log} 2>&1"

@@ -15,8 +15,12 @@ rule bags_dataset:
         table="data/processed/{ds}/bags.tsv",
     params:
         source=lambda w: ds_config(w.ds)["source"],
-        options=lambda w: cli_options(
-            {**ds_config(w.ds).get("bags", {}), "paper_counts": shipped(ds_config(w.ds).get("paper_counts"))}
+        options=lambda w: " ".join(
+            (
+                # explicit none: `max_bag_size: null` keeps groups whole, not the CLI default
+                cli_options(ds_config(w.ds).get("bags", {}), explicit_none=True),
+                cli_options({"paper_counts": shipped(ds_config(w.ds).get("paper_counts"))}),
+            )
         ),
     threads: 2
     conda:

@@ -24,6 +24,7 @@ rule evaluate_model:
         metrics="results/{ds}/{model}/seed{seed}/metrics.json",
         predictions="results/{ds}/{model}/seed{seed}/predictions.tsv",
         per_class="results/{ds}/{model}/seed{seed}/per_class.tsv",
+        instances="results/{ds}/{model}/seed{seed}/instances.tsv",
     params:
         out_dir=subpath(output.metrics, parent=True),
         split=config.get("evaluate", {}).get("split", "test"),
@@ -34,6 +35,9 @@ rule evaluate_model:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/evaluate_{model}_seed{seed}.log",
+    benchmark:
+        "benchmarks/out/{ds}/evaluate_{model}_seed{seed}.tsv"
+    priority: 20  # before the remaining training jobs: a model's results arrive when it is trained
     shell:
         "hamil evaluate --checkpoint {input.checkpoint} --store {input.store} --out-dir {params.out_dir}"
         " --split {params.split} --threshold {params.threshold} --tune-split {params.tune_split}"
@@ -85,6 +89,7 @@ rule figures_run:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/figures_{model}_seed{seed}.log",
+    priority: 10  # after its evaluation, still before the remaining training jobs
     benchmark:
         "benchmarks/out/{ds}/figures_{model}_seed{seed}.tsv"
     shell:
@@ -112,6 +117,8 @@ rule compare_dataset:
         "../envs/hamil.yaml"
     log:
         "logs/{ds}/compare.log",
+    benchmark:
+        "benchmarks/out/{ds}/compare.tsv"
     shell:
         "hamil compare --metrics {input.metrics} --out-tsv {output.tsv} --out-md {output.md}"
         " --title '{params.title}' {params.reference} > {log} 2>&1"
