@@ -4,12 +4,14 @@ from them by the bag stage (one session-wide store for the training tests)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from localhttp import Script, serve
 
 from preprocessing.bags import BagParams, build_bags
 from preprocessing.store import create_patch_array
@@ -50,6 +52,13 @@ def two_shards(tmp_path: Path):
     s0 = write_shard(tmp_path, "0", {g: groups[g] for g in names[::2]}, seed=0)
     s1 = write_shard(tmp_path, "1", {g: groups[g] for g in names[1::2]}, seed=1)
     return [s0[0], s1[0]], [s0[1], s1[1]], groups
+
+
+@pytest.fixture
+def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
+    """The scripted local HTTP server (tests/localhttp.py): its base URL and its script of routes."""
+    with serve(monkeypatch) as running:
+        yield running
 
 
 def make_store(folder: Path, patch: int, groups: int = 24, seed: int = 0, split_seed: int = 0) -> Path:

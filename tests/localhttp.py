@@ -130,3 +130,19 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+#: An HTML error page, as servers send instead of the file asked for.
+HTML_PAGE = b"<!DOCTYPE html><html><head><title>Error</title></head><body>Not found</body></html>"
+
+
+def jpeg(value: int = 120, size: int = 4) -> bytes:
+    """A tiny uniform JPEG (``size`` x ``size``, grey level ``value``) to serve as an image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()

@@ -7,16 +7,13 @@ Fixtures: ``tests/data/real/bdgp`` (origin of every value in its README.md).
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from localhttp import Script, serve
+from localhttp import HTML_PAGE, Script, jpeg
 from PIL import Image
 
 from hamil.cli import main
@@ -25,19 +22,7 @@ from preprocessing.errors import InputError
 from preprocessing.sources import bdgp
 
 DATA = Path(__file__).parent / "data" / "real" / "bdgp"
-HTML = b"<!DOCTYPE html><html><head><title>Error</title></head><body>Not found</body></html>"
-
-
-@pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
-    with serve(monkeypatch) as running:
-        yield running
-
-
-def jpeg(value: int = 120) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
+HTML = HTML_PAGE
 
 
 def read_tsv(path: Path) -> pd.DataFrame:

@@ -12,30 +12,15 @@ import gzip
 import io
 import json
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from localhttp import Handler, Script, etag_of, send, send_ranged, serve
-from PIL import Image
+from localhttp import HTML_PAGE, Handler, Script, etag_of, jpeg, send, send_ranged
 
 from hamil.cli import main
 
-HTML = b"<!DOCTYPE html><html><head><title>Error</title></head><body>Not found</body></html>"
-
-
-@pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
-    with serve(monkeypatch) as running:
-        yield running
-
-
-def jpeg(value: int = 120) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
+HTML = HTML_PAGE
 
 
 def download(source: str, out: Path, options: dict, *extra: str) -> int:

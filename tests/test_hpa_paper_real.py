@@ -16,13 +16,11 @@ import logging
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from localhttp import Handler, Script, send_ranged, serve
+from localhttp import Handler, Script, jpeg, send_ranged
 from PIL import Image
 
 from hamil.cli import main
@@ -161,18 +159,6 @@ def test_both_published_patch_spellings_read_others_reported(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------ Azure, end to end
-
-
-@pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
-    with serve(monkeypatch) as running:
-        yield running
-
-
-def jpeg(value: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def zipped(entries: dict[str, bytes]) -> bytes:

@@ -14,14 +14,12 @@ import io
 import json
 import re
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from localhttp import Script, send, serve
+from localhttp import jpeg, send
 from PIL import Image
 
 from hamil.cli import main
@@ -73,18 +71,6 @@ def v18() -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     genes = hpa.parse_location_table(table, hpa.HpaOptions().reliability, V18_TABLE.name, skipped)
     return table, genes, skipped
-
-
-@pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
-    with serve(monkeypatch) as running:
-        yield running
-
-
-def jpeg(value: int = 120) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def location_zip(text: str) -> bytes:

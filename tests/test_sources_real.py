@@ -10,13 +10,11 @@ import gzip
 import hashlib
 import io
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from localhttp import Script, serve  # noqa: E402
+from localhttp import Script, jpeg  # noqa: E402
 from PIL import Image
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy
@@ -30,20 +28,8 @@ HTML = b"<!DOCTYPE html><html><head><title>Oops</title></head><body>Not found</b
 # ------------------------------------------------------------------------------------------ local server
 
 
-@pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
-    with serve(monkeypatch) as running:
-        yield running
-
-
 def downloader(tmp_path: Path) -> Downloader:
     return Downloader(FAST, manifest=tmp_path / "manifest.tsv", progress=False, sleep=lambda s: None)
-
-
-def jpeg(value: int = 120, size: int = 4) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------- BDGP
