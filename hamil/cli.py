@@ -47,6 +47,8 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         text = f.metadata.get("help", "")
         if not required and default not in (None, ""):
             text = f"{text} (default: {_show(default)})".strip()
+        elif not required and default is None and "(default" not in text:
+            text = f"{text} (default: none)".strip()
         choices = f.metadata.get("choices")
         if f.metadata.get("positional"):
             group.add_argument(f.name, choices=choices, help=text)

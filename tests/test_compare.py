@@ -157,3 +157,11 @@ def test_shipped_reference_tables_name_registered_models():
         assert (
             list(counts["split"]) == ["train", "val", "test"] and (counts["instances"] > counts["bags"]).all()
         )
+
+
+def test_shipped_classical_mil_table_holds_tables_s4_s5():
+    table = pd.read_csv(REFERENCE / "hamil_tables_s4_s5_mil.tsv", sep="\t")
+    assert len(table) == 15 and list(table.columns[1:6]) == ["musk1", "musk2", "fox", "tiger", "elephant"]
+    assert {"attention", "gated_attention", "hamil", "hamil_a"} <= set(table["method"])
+    means = table[["musk1", "musk2", "fox", "tiger", "elephant"]].map(lambda v: float(str(v).split(" ± ")[0]))
+    assert ((means > 0.5) & (means < 1)).all().all()
