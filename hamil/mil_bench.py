@@ -21,10 +21,12 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -377,44 +379,47 @@ def cross_validate(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     threads: int | None = None,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Repeated stratified cross-validation of every model on ``bags``.
 
     Every model sees the same folds and the same standardised features (scaler fitted on the training
     folds' instances). Initialisation and bag order depend on ``(seed, repeat, fold, model)`` only, so a
-    run is deterministic and a model's numbers do not depend on which other models run. ``threads`` sets
-    ``torch.set_num_threads``. Returns one row per (model, repeat, fold): ``model, repeat, fold, accuracy,
-    train_loss, seconds, train_bags, test_bags``. ``on_fold`` is called with each row as it is done.
+    run is deterministic and a model's numbers do not depend on which other models run. ``threads`` is
+    ``torch.set_num_threads`` while training (default 1: on these tiny networks more threads do not speed
+    a fold up, and the numbers depend on it). ``jobs`` > 1 (0: ``os.cpu_count()``) runs each
+    (repeat, fold, model) in one of ``jobs`` worker processes (``spawn``), each with ``threads`` torch
+    threads; the numbers are those of a serial run with the same ``threads``.
+
+    Returns one row per (model, repeat, fold), in the order of a serial run (fold by fold, models in the
+    order given): ``model, repeat, fold, accuracy, train_loss, seconds, train_bags, test_bags``.
+    ``on_fold`` is called (in this process) with each row as it is done.
     """
     check_models(models)  # the numbers are checked by hamil.stages.MilBenchParams
     opts = model_options(models, options)
     for model in models:  # bad options fail here, before any training
         MILNet(bags.features.shape[1], model, dropout=dropout, **opts[model])
+    cfg = {
+        "epochs": epochs,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "dropout": dropout,
+        "batch_bags": batch_bags,
+        "seed": seed,
+        "options": opts,
+    }
+    splits = list(fold_splits(bags.labels, folds, repeats, seed))
+    jobs = resolve_jobs(jobs)
+    threads = threads or 1
+    if jobs > 1:
+        return _cross_validate_parallel(bags, models, splits, cfg, jobs, threads, on_fold)
     previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         rows = []
-        for repeat, fold, train, test in fold_splits(bags.labels, folds, repeats, seed):
-            scaler = fit_scaler(bags, train)
-            train_t, test_t = fold_tensors(bags, train, scaler), fold_tensors(bags, test, scaler)
-            for model in models:
-                torch_seed, np_seed = _seeds(seed, repeat, fold, model)
-                torch.manual_seed(torch_seed)
-                net = MILNet(bags.features.shape[1], model, dropout=dropout, **opts[model])
-                result = train_and_test(
-                    net,
-                    train_t,
-                    test_t,
-                    epochs,
-                    lr,
-                    momentum,
-                    weight_decay,
-                    batch_bags,
-                    np.random.default_rng(np_seed),
-                )
-                row = {"model": model, "repeat": repeat, "fold": fold, **result}
-                row.update(train_bags=len(train), test_bags=len(test))
+        for repeat, fold, train, test in splits:
+            for row in _run_fold(bags, repeat, fold, train, test, models, cfg):
                 rows.append(row)
                 if on_fold is not None:
                     on_fold(row)
@@ -423,39 +428,218 @@ def cross_validate(
     return pd.DataFrame(rows)
 
 
+def resolve_jobs(jobs: int) -> int:
+    """``jobs`` processes, ``0`` meaning ``os.cpu_count()``."""
+    if jobs < 0:
+        raise InputError(f"jobs must be >= 0 (0: all cores), got {jobs}")
+    return jobs if jobs > 0 else os.cpu_count() or 1
+
+
+def _run_fold(
+    bags: FeatureBags,
+    repeat: int,
+    fold: int,
+    train: np.ndarray,
+    test: np.ndarray,
+    models: Sequence[str],
+    cfg: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Train and test ``models`` on one (repeat, fold): the rows of :func:`cross_validate`."""
+    scaler = fit_scaler(bags, train)
+    train_t, test_t = fold_tensors(bags, train, scaler), fold_tensors(bags, test, scaler)
+    rows = []
+    for model in models:
+        torch_seed, np_seed = _seeds(cfg["seed"], repeat, fold, model)
+        torch.manual_seed(torch_seed)
+        net = MILNet(bags.features.shape[1], model, dropout=cfg["dropout"], **cfg["options"][model])
+        result = train_and_test(
+            net,
+            train_t,
+            test_t,
+            cfg["epochs"],
+            cfg["lr"],
+            cfg["momentum"],
+            cfg["weight_decay"],
+            cfg["batch_bags"],
+            np.random.default_rng(np_seed),
+        )
+        row = {"model": model, "repeat": repeat, "fold": fold, **result}
+        row.update(train_bags=len(train), test_bags=len(test))
+        rows.append(row)
+    return rows
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(bags: FeatureBags, cfg: Mapping[str, Any], threads: int) -> None:
+    """A worker process: ``threads`` torch threads, the bags and settings kept for all its tasks."""
+    torch.set_num_threads(threads)
+    _WORKER.update(bags=bags, cfg=cfg)
+
+
+def _worker_fold(
+    repeat: int, fold: int, train: np.ndarray, test: np.ndarray, model: str
+) -> list[dict[str, Any]]:
+    return _run_fold(_WORKER["bags"], repeat, fold, train, test, [model], _WORKER["cfg"])
+
+
+def _cross_validate_parallel(
+    bags: FeatureBags,
+    models: Sequence[str],
+    splits: list[tuple[int, int, np.ndarray, np.ndarray]],
+    cfg: Mapping[str, Any],
+    jobs: int,
+    threads: int,
+    on_fold: Callable[[dict[str, Any]], None] | None,
+) -> pd.DataFrame:
+    """:func:`cross_validate` with one task per (repeat, fold, model) in ``jobs`` spawned processes."""
+    tasks = [(r, k, train, test, m) for r, k, train, test in splits for m in models]
+    done: dict[int, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    workers = min(jobs, len(tasks))
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(bags, cfg, threads)
+    ) as pool_:
+        futures = {pool_.submit(_worker_fold, *task): i for i, task in enumerate(tasks)}
+        try:
+            for future in as_completed(futures):
+                (row,) = future.result()
+                done[futures[future]] = row
+                if on_fold is not None:
+                    on_fold(row)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return pd.DataFrame([done[i] for i in range(len(tasks))])
+
+
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Per model (in order of first appearance): folds run, accuracy mean and sd (ddof 1) over all folds,
-    sd of the repeats' mean accuracies, and mean seconds per fold."""
+    sd of the repeats' mean accuracies, and mean seconds per fold. When ``hamil`` was run, also the paired
+    comparison to it: mean and sd (ddof 1) over the (repeat, fold) pairs of ``accuracy - hamil's``
+    (every model sees the same folds)."""
+    hamil = None
+    if "hamil" in set(results["model"]):
+        hamil = results[results["model"] == "hamil"].set_index(["repeat", "fold"])["accuracy"]
     out = []
     for model, part in results.groupby("model", sort=False):
         repeat_means = part.groupby("repeat")["accuracy"].mean()
-        out.append(
-            {
-                "model": model,
-                "paper_name": paper_name(str(model)),
-                "folds": len(part),
-                "repeats": part["repeat"].nunique(),
-                "accuracy_mean": part["accuracy"].mean(),
-                "accuracy_sd": part["accuracy"].std(ddof=1) if len(part) > 1 else 0.0,
-                "repeat_sd": repeat_means.std(ddof=1) if len(repeat_means) > 1 else 0.0,
-                "seconds_per_fold": part["seconds"].mean(),
-            }
-        )
+        row = {
+            "model": model,
+            "paper_name": paper_name(str(model)),
+            "folds": len(part),
+            "repeats": part["repeat"].nunique(),
+            "accuracy_mean": part["accuracy"].mean(),
+            "accuracy_sd": part["accuracy"].std(ddof=1) if len(part) > 1 else 0.0,
+            "repeat_sd": repeat_means.std(ddof=1) if len(repeat_means) > 1 else 0.0,
+            "seconds_per_fold": part["seconds"].mean(),
+        }
+        if hamil is not None:
+            mine = part.set_index(["repeat", "fold"])["accuracy"]
+            diff = (mine - hamil.reindex(mine.index)).dropna()
+            row["vs_hamil_mean"] = diff.mean() if len(diff) else math.nan
+            row["vs_hamil_sd"] = diff.std(ddof=1) if len(diff) > 1 else 0.0
+        out.append(row)
     return pd.DataFrame(out)
 
 
-def to_markdown(summary: pd.DataFrame, title: str = "") -> str:
-    """The summary as a Markdown table: accuracy mean ± sd over folds, and sd of the repeats' means."""
+#: The classical MIL sets with published numbers (columns of the reference table).
+CLASSICAL_SETS = ("musk1", "musk2", "fox", "tiger", "elephant")
+#: Tables S4/S5 of the paper (and the sources it quotes), one row per method.
+PUBLISHED_TABLE = Path(__file__).resolve().parents[1] / "config" / "reference" / "hamil_tables_s4_s5_mil.tsv"
+
+
+def dataset_name(path: str | os.PathLike[str], dataset: str | None = None) -> str | None:
+    """The classical set a run is on: ``dataset`` (case-insensitive; :class:`InputError` if it is not one
+    of :data:`CLASSICAL_SETS`), else the input file's stem if it names one, else ``None``."""
+    if dataset is not None:
+        name = dataset.strip().lower()
+        if name not in CLASSICAL_SETS:
+            raise InputError(f"unknown --dataset {dataset!r}; valid names: {', '.join(CLASSICAL_SETS)}")
+        return name
+    stem = Path(path).stem.lower()
+    return stem if stem in CLASSICAL_SETS else None
+
+
+def _parse_cell(cell: str) -> tuple[float, float]:
+    """``'0.892 ± 0.040'`` -> ``(0.892, 0.040)``; ``'0.874'`` -> ``(0.874, nan)``."""
+    mean, _, sd = str(cell).partition("±")
+    return float(mean), float(sd) if sd.strip() else math.nan
+
+
+def published(dataset: str, table: str | os.PathLike[str] = PUBLISHED_TABLE) -> pd.DataFrame:
+    """Published results on ``dataset``: ``method, published_mean, published_sd, published_source``
+    (sd NaN where the source gives none), in the table's order."""
+    ref = pd.read_csv(table, sep="\t", dtype=str)
+    rows = []
+    for r in ref.itertuples(index=False):
+        mean, sd = _parse_cell(getattr(r, dataset))
+        rows.append(
+            {"method": r.method, "published_mean": mean, "published_sd": sd, "published_source": r.source}
+        )
+    return pd.DataFrame(rows)
+
+
+def add_published(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with the published columns of its models (NaN where none) and ``published_diff``
+    (ours - published)."""
+    ref = reference.set_index("method")
+    out = summary.copy()
+    for col in ("published_mean", "published_sd", "published_source"):
+        out[col] = [ref[col].get(m, math.nan if col != "published_source" else "") for m in out["model"]]
+    out["published_diff"] = out["accuracy_mean"] - out["published_mean"]
+    return out
+
+
+def _pm(mean: float, sd: float) -> str:
+    if pd.isna(mean):
+        return "—"
+    return f"{mean:.3f}" if pd.isna(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def to_markdown(
+    summary: pd.DataFrame, title: str = "", reference: pd.DataFrame | None = None, dataset: str = ""
+) -> str:
+    """The summary as a Markdown table: accuracy mean ± sd over folds, sd of the repeats' means, seconds
+    per fold; the paired difference to HAMIL where present; and, with ``reference`` (the published rows
+    of the set, see :func:`published`) and the published columns (:func:`add_published`), the published
+    mean ± sd beside ours with the difference, then the published rows of methods not run here."""
     lines = [f"## {title}", ""] if title else []
-    lines += [
-        "| model | paper's name | folds | accuracy (mean ± sd over folds) | sd of repeat means | s / fold |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    paired = "vs_hamil_mean" in summary.columns
+    has_pub = "published_mean" in summary.columns
+    head = (
+        "| model | paper's name | folds | accuracy (mean ± sd over folds) | sd of repeat means | s / fold |"
+    )
+    rule = "|---|---|---:|---:|---:|---:|"
+    if paired:
+        head += " paired Δ vs hamil (mean ± sd over folds) |"
+        rule += "---:|"
+    if has_pub:
+        head += f" published ({dataset}) | ours − published |"
+        rule += "---:|---:|"
+    lines += [head, rule]
     for r in summary.itertuples(index=False):
-        lines.append(
+        line = (
             f"| {r.model} | {r.paper_name} | {r.folds} | {r.accuracy_mean:.3f} ± {r.accuracy_sd:.3f} "
             f"| {r.repeat_sd:.3f} | {r.seconds_per_fold:.2f} |"
         )
+        if paired:
+            line += f" {_pm(r.vs_hamil_mean, r.vs_hamil_sd)} |"
+        if has_pub:
+            diff = "—" if pd.isna(r.published_diff) else f"{r.published_diff:+.3f}"
+            line += f" {_pm(r.published_mean, r.published_sd)} | {diff} |"
+        lines.append(line)
+    if reference is not None:
+        others = reference[~reference["method"].isin(set(summary["model"]))]
+        if len(others):
+            lines += ["", f"Published results on {dataset} of methods not run here:", ""]
+            lines += ["| method | accuracy (published) | source |", "|---|---:|---|"]
+            for r in others.itertuples(index=False):
+                lines.append(
+                    f"| {r.method} | {_pm(r.published_mean, r.published_sd)} | {r.published_source} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -463,11 +647,14 @@ def run_mil_bench(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     models: Sequence[str] = DEFAULT_MODELS,
+    dataset: str | None = None,
     **cv_options: Any,
 ) -> pd.DataFrame:
     """Read ``path``, cross-validate ``models`` (``cv_options`` as for :func:`cross_validate`), and write
     ``out_dir/folds.tsv`` (every fold), ``summary.tsv``, ``summary.md`` and ``settings.json``.
-    Returns the summary."""
+    On a classical set (``dataset``, or the file's stem: see :func:`dataset_name`) the published results
+    are written beside ours. Returns the summary."""
+    name = dataset_name(path, dataset)
     bags = read_feature_bags(path)
     check_models(models)
     out_dir = Path(out_dir)
@@ -493,12 +680,16 @@ def run_mil_bench(
 
     results = cross_validate(bags, models, on_fold=report, **cv_options)
     summary = summarise(results)
+    reference = published(name) if name is not None else None
+    if reference is not None:
+        summary = add_published(summary, reference)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tsv(results, out_dir / "folds.tsv")
     write_tsv(summary, out_dir / "summary.tsv")
+    title = f"MIL benchmark: {Path(path).name}" + (f" ({name})" if name else "")
     with atomic_path(out_dir / "summary.md") as tmp:
-        tmp.write_text(to_markdown(summary, title=f"MIL benchmark: {Path(path).name}"))
-    settings = {"input": str(path), "models": list(models), **cv_options}
+        tmp.write_text(to_markdown(summary, title=title, reference=reference, dataset=name or ""))
+    settings = {"input": str(path), "dataset": name, "models": list(models), **cv_options}
     settings["options"] = model_options(models, cv_options.get("options"))
     with atomic_path(out_dir / "settings.json") as tmp:
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")

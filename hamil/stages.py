@@ -355,8 +355,14 @@ class MilBenchParams:
     dropout: float = opt(0.2, "after each fc layer of the instance network")
     batch_bags: int = opt(1, "bags per SGD step (paper: 1)")
     seed: int = opt(0, "seed of folds and initialisation")
-    threads: int | None = opt(None, "torch.set_num_threads (default: leave torch's choice)")
+    threads: int | None = opt(None, "torch threads per fold (default 1; results depend on it)")
     model_options: dict[str, Any] = opt({}, 'aggregator options as JSON, e.g. {"hamil": {"kernel_size": 3}}')
+    dataset: str | None = opt(
+        None,
+        "classical set whose published results to print beside ours: musk1, musk2, fox, tiger, elephant "
+        "(default: recognised from the input file's name)",
+    )
+    jobs: int = opt(0, "folds run in parallel processes (0: all cores; 1: serial, in this process)")
 
     def __post_init__(self) -> None:
         check_options(
@@ -368,6 +374,7 @@ class MilBenchParams:
                 "batch_bags": self.batch_bags >= 1,
                 "dropout": 0 <= self.dropout < 1,
                 "threads": valid_threads(self.threads),
+                "jobs": self.jobs >= 0,
             },
             self,
         )
@@ -455,8 +462,9 @@ def run_mil_bench(p: MilBenchParams) -> None:
 
     cv = {k: getattr(p, k) for k in ("folds", "repeats", "epochs", "lr", "momentum", "weight_decay")}
     cv |= {"dropout": p.dropout, "batch_bags": p.batch_bags, "seed": p.seed, "threads": p.threads}
+    cv |= {"jobs": p.jobs}
     summary = mil_bench.run_mil_bench(
-        path=p.input, out_dir=p.out_dir, models=p.models, options=p.model_options, **cv
+        path=p.input, out_dir=p.out_dir, models=p.models, options=p.model_options, dataset=p.dataset, **cv
     )
     print((Path(p.out_dir) / "summary.md").read_text(), end="")
     log.info("mil-bench: %d models; tables in %s", len(summary), p.out_dir)

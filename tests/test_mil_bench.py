@@ -196,3 +196,77 @@ def test_max_pooling_finds_the_informative_instance_better_than_mean(tmp_path):
     assert len(folds) == 8 and set(folds["model"]) == {"mean", "max"}
     assert "| max | Max | 4 |" in (out / "summary.md").read_text()
     pd.testing.assert_frame_equal(summarise(folds), summary.reset_index())
+
+
+FAST = ["--folds", "2", "--repeats", "2", "--epochs", "2", "--lr", "0.05", "--batch-bags", "4", "--jobs", "1"]
+
+
+@pytest.mark.parametrize(("filename", "extra"), [("Fox.csv", []), ("bags.csv", ["--dataset", "FOX"])])
+def test_published_numbers_beside_ours(tmp_path, filename, extra):
+    path = write_csv(synthetic_bags(n_bags=12, instances=3, features=4), tmp_path / filename)
+    out = tmp_path / "out"
+    argv = ["mil-bench", "--input", str(path), "--out-dir", str(out), "--models", "hamil", "attention", "max"]
+    assert main([*argv, *FAST, *extra]) == 0
+    summary = pd.read_csv(out / "summary.tsv", sep="\t").set_index("model")
+    # Tables S4/S5 on Fox: attention 0.615 ± 0.043, HAMIL 0.647 ± 0.105; no published max pooling
+    assert summary.loc["attention", "published_mean"] == pytest.approx(0.615)
+    assert summary.loc["attention", "published_sd"] == pytest.approx(0.043)
+    assert summary.loc["hamil", "published_mean"] == pytest.approx(0.647)
+    np.testing.assert_allclose(
+        summary["published_diff"].dropna(), (summary["accuracy_mean"] - summary["published_mean"]).dropna()
+    )
+    assert np.isnan(summary.loc["max", "published_mean"])
+    text = (out / "summary.md").read_text()
+    diff = summary.loc["attention", "published_diff"]
+    assert f"| 0.615 ± 0.043 | {diff:+.3f} |" in text
+    assert "| mi-SVM | 0.582 |" in text and "| EM-DD | 0.609 ± 0.101 |" in text  # methods not run
+    assert "| gated_attention | 0.603 ± 0.029 |" in text
+    assert "| attention | 0.615" not in text  # run here: not among the published-only rows
+
+
+def test_no_published_numbers_for_other_sets_and_bad_dataset_is_one_line(tmp_path, capsys):
+    path = write_csv(synthetic_bags(n_bags=12, instances=3, features=4), tmp_path / "mine.csv")
+    out = tmp_path / "out"
+    argv = ["mil-bench", "--input", str(path), "--out-dir", str(out), "--models", "max", *FAST]
+    assert main(argv) == 0
+    assert "published_mean" not in pd.read_csv(out / "summary.tsv", sep="\t").columns
+    assert "published" not in (out / "summary.md").read_text().lower()
+    assert main([*argv, "--dataset", "musk3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown --dataset 'musk3'" in err
+
+
+def test_paired_difference_to_hamil_and_seconds_per_fold(tmp_path):
+    path = write_csv(synthetic_bags(n_bags=12, instances=3, features=4), tmp_path / "s.csv")
+    out = tmp_path / "out"
+    argv = ["mil-bench", "--input", str(path), "--out-dir", str(out), "--models", "hamil", "mean", *FAST]
+    assert main(argv) == 0
+    summary = pd.read_csv(out / "summary.tsv", sep="\t").set_index("model")
+    assert summary.loc["hamil", "vs_hamil_mean"] == 0 and summary.loc["hamil", "vs_hamil_sd"] == 0
+    folds = pd.read_csv(out / "folds.tsv", sep="\t")
+    acc = folds.pivot_table(index=["repeat", "fold"], columns="model", values="accuracy")
+    diff = acc["mean"] - acc["hamil"]
+    assert summary.loc["mean", "vs_hamil_mean"] == pytest.approx(diff.mean())
+    assert summary.loc["mean", "vs_hamil_sd"] == pytest.approx(diff.std(ddof=1))
+    seconds = folds.groupby("model")["seconds"].mean()
+    np.testing.assert_allclose(summary["seconds_per_fold"], seconds[summary.index])
+    assert (summary["seconds_per_fold"] > 0).all()
+    text = (out / "summary.md").read_text()
+    assert "paired Δ vs hamil" in text and "s / fold" in text
+    assert "| 0.000 ± 0.000 |" in text  # hamil against itself
+    # without hamil there is no paired column
+    assert "vs_hamil_mean" not in summarise(folds[folds["model"] == "mean"]).columns
+
+
+def test_parallel_and_serial_folds_are_identical(tmp_path):
+    bags = synthetic_bags(n_bags=12, instances=3, features=4)
+    kwargs = {"folds": 2, "repeats": 2, "epochs": 2, "lr": 0.05, "batch_bags": 2, "seed": 7}
+    seen = []
+    serial = cross_validate(bags, ["hamil", "attention"], jobs=1, **kwargs)
+    parallel = cross_validate(bags, ["hamil", "attention"], jobs=2, on_fold=seen.append, **kwargs)
+    cols = ["model", "repeat", "fold", "accuracy", "train_loss", "train_bags", "test_bags"]
+    pd.testing.assert_frame_equal(serial[cols], parallel[cols])
+    assert len(seen) == len(parallel) == 8  # on_fold runs in this process, once per fold and model
+    assert sorted((r["model"], r["repeat"], r["fold"]) for r in seen) == sorted(
+        zip(parallel["model"], parallel["repeat"], parallel["fold"], strict=True)
+    )
