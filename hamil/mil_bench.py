@@ -4,10 +4,13 @@ Bags of feature vectors are classified by a small network (Table S3, as in Ilse 
 ``fc-256 + ReLU, dropout, fc-128 + ReLU, dropout, fc-64 + ReLU, dropout``, applied to every instance, then
 an aggregator from the model registry (``hamil`` with the 1-D unit, ``hamil_a``, ``attention``,
 ``gated_attention``, ``mean``, ``max``, ...), then ``fc-1`` with a sigmoid and binary cross-entropy.
-Training: SGD (momentum 0.9, weight decay 0.005, learning rate 1e-4 as in the paper) for a fixed number of
-epochs. Protocol: stratified 10-fold cross-validation on the bag labels, repeated 5 times with different
-fold seeds; features are standardised with a scaler fitted on the training folds' instances only. The
-result is the mean and standard deviation of the bag accuracy over the 50 folds, per model.
+Training: each model by its published recipe (:mod:`hamil.recipes`, ``config/reference/recipes.yaml``:
+``paper`` for HAMIL and HAMIL-A, SGD with momentum 0.9, weight decay 0.005, learning rate 1e-4;
+``ilse2018`` for the attention and pooling baselines) for a fixed number of epochs, unless one recipe or
+explicit values are given. Protocol: stratified 10-fold cross-validation on the bag labels, repeated
+5 times with different fold seeds; features are standardised with a scaler fitted on the training
+folds' instances only. The result is the mean and standard deviation of the bag accuracy
+over the 50 folds, per model.
 
 Input (see :func:`read_feature_bags`): one instance per row, either ``label,bag,f1,f2,...`` without a
 header (the common CSV layout of the classical MIL sets; labels 0/1 or -1/1), or a table with a header
@@ -40,6 +43,7 @@ from torch import nn
 
 from hamil.models import available, create, model_info, paper_name
 from hamil.models.ops import pool
+from hamil.recipes import choose
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path, write_tsv
 
@@ -317,8 +321,11 @@ def train_and_test(
     weight_decay: float = 0.005,
     batch_bags: int = 1,
     rng: np.random.Generator | None = None,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> dict[str, float]:
-    """Train ``net`` with SGD and BCE on ``train``, then score ``test``; each is
+    """Train ``net`` with ``optimizer`` (:func:`make_optimizer`) and BCE on ``train``, then score ``test``;
+    each is
     ``(instances (N, D) float32, bag_sizes (B,) int64, labels (B,) float32)``.
 
     Returns test accuracy (threshold 0.5 on the sigmoid), the last epoch's mean training loss and the
@@ -329,7 +336,7 @@ def train_and_test(
     x, sizes, y = train
     offsets = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).tolist()
     per_bag = [x[offsets[b] : offsets[b + 1]] for b in range(len(sizes))]  # B x (n_b, D)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(net, optimizer, lr, momentum, betas, weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     mean_loss = math.nan
     for _ in range(epochs):
@@ -353,6 +360,40 @@ def train_and_test(
     return {"accuracy": accuracy, "train_loss": mean_loss, "seconds": time.perf_counter() - start}
 
 
+def make_optimizer(
+    net: nn.Module,
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """``sgd`` (with ``momentum``) or ``adam`` (with ``betas``) over ``net``'s parameters."""
+    if name == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    raise InputError(f"unknown optimizer {name!r} (known: sgd, adam)")
+
+
+def training_plan(
+    models: Sequence[str],
+    recipe: str | None = None,
+    dataset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per model: its training values (optimizer, lr, momentum, betas, weight_decay, epochs, batch_bags,
+    dropout) and ``recipe`` (the name). Each model's own recipe, or ``recipe`` for all; ``overrides`` that
+    are not None replace the recipe's values (epochs for ``dataset`` where the recipe has them)."""
+    plan = {}
+    for model, chosen in choose(models, recipe).items():
+        values = chosen.training(dataset)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        values["recipe"] = chosen.name
+        plan[model] = values
+    return plan
+
+
 def fold_tensors(
     bags: FeatureBags, which: np.ndarray, scaler: StandardScaler
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -369,17 +410,21 @@ def cross_validate(
     models: Sequence[str] = DEFAULT_MODELS,
     folds: int = 10,
     repeats: int = 5,
-    epochs: int = 100,
-    lr: float = 1e-4,
-    momentum: float = 0.9,
-    weight_decay: float = 0.005,
-    dropout: float = 0.2,
-    batch_bags: int = 1,
+    epochs: int | None = None,
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    dropout: float | None = None,
+    batch_bags: int | None = None,
     seed: int = 0,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     threads: int | None = None,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
     jobs: int = 1,
+    recipe: str | None = None,
+    dataset: str | None = None,
+    optimizer: str | None = None,
+    betas: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """Repeated stratified cross-validation of every model on ``bags``.
 
@@ -391,24 +436,23 @@ def cross_validate(
     (repeat, fold, model) in one of ``jobs`` worker processes (``spawn``), each with ``threads`` torch
     threads; the numbers are those of a serial run with the same ``threads``.
 
+    Training values come from each model's own recipe (:mod:`hamil.recipes`), or from ``recipe`` for all
+    models; ``epochs`` per ``dataset`` where the recipe has them. The training arguments (``epochs``, ``lr``,
+    ``momentum``, ``weight_decay``, ``dropout``, ``batch_bags``, ``optimizer``, ``betas``) override the
+    recipe's value when not None.
+
     Returns one row per (model, repeat, fold), in the order of a serial run (fold by fold, models in the
-    order given): ``model, repeat, fold, accuracy, train_loss, seconds, train_bags, test_bags``.
+    order given): ``model, recipe, repeat, fold, accuracy, train_loss, seconds, train_bags, test_bags``.
     ``on_fold`` is called (in this process) with each row as it is done.
     """
     check_models(models)  # the numbers are checked by hamil.stages.MilBenchParams
     opts = model_options(models, options)
+    overrides = {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    overrides |= {"dropout": dropout, "batch_bags": batch_bags, "optimizer": optimizer, "betas": betas}
+    plan = training_plan(models, recipe, dataset, overrides)
     for model in models:  # bad options fail here, before any training
-        MILNet(bags.features.shape[1], model, dropout=dropout, **opts[model])
-    cfg = {
-        "epochs": epochs,
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "dropout": dropout,
-        "batch_bags": batch_bags,
-        "seed": seed,
-        "options": opts,
-    }
+        MILNet(bags.features.shape[1], model, dropout=plan[model]["dropout"], **opts[model])
+    cfg = {"seed": seed, "options": opts, "plan": plan}
     splits = list(fold_splits(bags.labels, folds, repeats, seed))
     jobs = resolve_jobs(jobs)
     threads = threads or 1
@@ -451,19 +495,22 @@ def _run_fold(
     for model in models:
         torch_seed, np_seed = _seeds(cfg["seed"], repeat, fold, model)
         torch.manual_seed(torch_seed)
-        net = MILNet(bags.features.shape[1], model, dropout=cfg["dropout"], **cfg["options"][model])
+        train_cfg = cfg["plan"][model]
+        net = MILNet(bags.features.shape[1], model, dropout=train_cfg["dropout"], **cfg["options"][model])
         result = train_and_test(
             net,
             train_t,
             test_t,
-            cfg["epochs"],
-            cfg["lr"],
-            cfg["momentum"],
-            cfg["weight_decay"],
-            cfg["batch_bags"],
+            train_cfg["epochs"],
+            train_cfg["lr"],
+            train_cfg["momentum"],
+            train_cfg["weight_decay"],
+            train_cfg["batch_bags"],
             np.random.default_rng(np_seed),
+            optimizer=train_cfg["optimizer"],
+            betas=train_cfg["betas"],
         )
-        row = {"model": model, "repeat": repeat, "fold": fold, **result}
+        row = {"model": model, "recipe": train_cfg["recipe"], "repeat": repeat, "fold": fold, **result}
         row.update(train_bags=len(train), test_bags=len(test))
         rows.append(row)
     return rows
@@ -529,6 +576,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         row = {
             "model": model,
             "paper_name": paper_name(str(model)),
+            **({"recipe": part["recipe"].iloc[0]} if "recipe" in part else {}),
             "folds": len(part),
             "repeats": part["repeat"].nunique(),
             "accuracy_mean": part["accuracy"].mean(),
@@ -678,6 +726,7 @@ def run_mil_bench(
             row["seconds"],
         )
 
+    cv_options.setdefault("dataset", name)
     results = cross_validate(bags, models, on_fold=report, **cv_options)
     summary = summarise(results)
     reference = published(name) if name is not None else None
@@ -691,6 +740,10 @@ def run_mil_bench(
         tmp.write_text(to_markdown(summary, title=title, reference=reference, dataset=name or ""))
     settings = {"input": str(path), "dataset": name, "models": list(models), **cv_options}
     settings["options"] = model_options(models, cv_options.get("options"))
+    overrides = {k: cv_options.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "dropout")}
+    overrides |= {k: cv_options.get(k) for k in ("batch_bags", "optimizer", "betas")}
+    settings["training"] = training_plan(models, cv_options.get("recipe"), cv_options["dataset"], overrides)
+    settings["recipe"] = {m: v["recipe"] for m, v in settings["training"].items()}
     with atomic_path(out_dir / "settings.json") as tmp:
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
     return summary

@@ -348,12 +348,19 @@ class MilBenchParams:
     )
     folds: int = opt(10, "cross-validation folds")
     repeats: int = opt(5, "cross-validation repeats with fold seeds seed+r")
-    epochs: int = opt(100, "training epochs per fold")
-    lr: float = opt(1e-4, "SGD learning rate (paper: 1e-4)")
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(0.005, "SGD weight decay")
-    dropout: float = opt(0.2, "after each fc layer of the instance network")
-    batch_bags: int = opt(1, "bags per SGD step (paper: 1)")
+    recipe: str | None = opt(
+        None,
+        "training recipe for all models (config/reference/recipes.yaml: paper, ilse2018; "
+        "default: each model its own published recipe)",
+    )
+    epochs: int | None = opt(None, "training epochs per fold (default: from the recipe)")
+    lr: float | None = opt(None, "learning rate (default: from the recipe; paper: 1e-4)")
+    momentum: float | None = opt(None, "SGD momentum (default: from the recipe)")
+    weight_decay: float | None = opt(None, "weight decay (default: from the recipe)")
+    dropout: float | None = opt(
+        None, "after each fc layer of the instance network (default: from the recipe)"
+    )
+    batch_bags: int | None = opt(None, "bags per optimizer step (default: from the recipe; paper: 1)")
     seed: int = opt(0, "seed of folds and initialisation")
     threads: int | None = opt(None, "torch threads per fold (default 1; results depend on it)")
     model_options: dict[str, Any] = opt({}, 'aggregator options as JSON, e.g. {"hamil": {"kernel_size": 3}}')
@@ -369,10 +376,12 @@ class MilBenchParams:
             {
                 "folds": self.folds >= 2,
                 "repeats": self.repeats >= 1,
-                "epochs": self.epochs >= 1,
-                "lr": self.lr > 0,
-                "batch_bags": self.batch_bags >= 1,
-                "dropout": 0 <= self.dropout < 1,
+                "epochs": self.epochs is None or self.epochs >= 1,
+                "lr": self.lr is None or self.lr > 0,
+                "momentum": self.momentum is None or 0 <= self.momentum < 1,
+                "weight_decay": self.weight_decay is None or self.weight_decay >= 0,
+                "batch_bags": self.batch_bags is None or self.batch_bags >= 1,
+                "dropout": self.dropout is None or 0 <= self.dropout < 1,
                 "threads": valid_threads(self.threads),
                 "jobs": self.jobs >= 0,
             },
@@ -462,7 +471,11 @@ def run_mil_bench(p: MilBenchParams) -> None:
 
     cv = {k: getattr(p, k) for k in ("folds", "repeats", "epochs", "lr", "momentum", "weight_decay")}
     cv |= {"dropout": p.dropout, "batch_bags": p.batch_bags, "seed": p.seed, "threads": p.threads}
-    cv |= {"jobs": p.jobs}
+    cv |= {"jobs": p.jobs, "recipe": p.recipe}
+    if p.recipe is not None:
+        from hamil.recipes import get_recipe
+
+        get_recipe(p.recipe)  # an unknown recipe is one line, before reading the input
     summary = mil_bench.run_mil_bench(
         path=p.input, out_dir=p.out_dir, models=p.models, options=p.model_options, dataset=p.dataset, **cv
     )

@@ -188,6 +188,7 @@ def test_max_pooling_finds_the_informative_instance_better_than_mean(tmp_path):
     out = tmp_path / "out"
     argv = ["mil-bench", "--input", str(path), "--out-dir", str(out), "--models", "mean", "max"]
     argv += ["--folds", "4", "--repeats", "1", "--epochs", "15", "--lr", "0.02", "--batch-bags", "4"]
+    argv += ["--recipe", "paper"]  # measured with SGD
     assert main([*argv, "--threads", "1"]) == 0
     summary = pd.read_csv(out / "summary.tsv", sep="\t").set_index("model")
     assert summary.loc["max", "accuracy_mean"] >= 0.85
@@ -270,3 +271,94 @@ def test_parallel_and_serial_folds_are_identical(tmp_path):
     assert sorted((r["model"], r["repeat"], r["fold"]) for r in seen) == sorted(
         zip(parallel["model"], parallel["repeat"], parallel["fold"], strict=True)
     )
+
+
+def test_recipes_load_and_validate(tmp_path, capsys):
+    from hamil.recipes import InputError, get_recipe, load_recipes
+
+    recipes = load_recipes()
+    paper, ilse = recipes["paper"], recipes["ilse2018"]
+    assert (paper.optimizer, paper.lr, paper.momentum, paper.weight_decay) == ("sgd", 1e-4, 0.9, 0.005)
+    assert (paper.batch_bags, paper.dropout) == (1, 0.2)
+    assert [paper.epochs_for(d) for d in ("fox", "MUSK1", "musk2", "elephant", "tiger", None)] == [
+        100
+    ] * 3 + [50] * 2 + [100]
+    assert (ilse.optimizer, ilse.lr, ilse.betas, ilse.weight_decay) == ("adam", 5e-4, (0.9, 0.999), 1e-4)
+    assert "main.py:77" in ilse.source and "not published" in ilse.source.lower().replace("\n", " ")
+    with pytest.raises(InputError, match="unknown recipe 'nope'"):
+        get_recipe("nope")
+    bad = tmp_path / "recipes.yaml"
+    good = "optimizer: sgd\n  lr: 0.1\n  weight_decay: 0\n  epochs: 3\n"
+    good += "  batch_bags: 1\n  dropout: 0\n  source: x\n"
+    for text, message in [
+        ("paper:\n  " + good + "  colour: red\n", "unknown field 'colour'"),
+        ("paper:\n  " + good.replace("sgd", "rmsprop"), "optimizer must be one of"),
+        ("paper:\n  " + good.replace("lr: 0.1", "lr: -1"), "lr out of range"),
+        ("other:\n  " + good, "default recipe 'paper' is missing"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(InputError, match=message) as err:
+            load_recipes(bad)
+        assert "\n" not in str(err.value)
+    out = tmp_path / "out"
+    path = write_csv(synthetic_bags(), tmp_path / "synthetic.csv")
+    assert main(["mil-bench", "--input", str(path), "--out-dir", str(out), "--recipe", "nope"]) != 0
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+def _capture_optimizers(monkeypatch) -> list:
+    made = []
+    real = mil_bench.make_optimizer
+
+    def spy(net, *args, **kwargs):
+        opt = real(net, *args, **kwargs)
+        made.append(opt)
+        return opt
+
+    monkeypatch.setattr(mil_bench, "make_optimizer", spy)
+    return made
+
+
+def test_each_model_runs_its_own_recipe_and_its_values_reach_the_optimizer(monkeypatch):
+    made = _capture_optimizers(monkeypatch)
+    bags = synthetic_bags(n_bags=20)
+    rows = cross_validate(bags, ["hamil", "attention"], folds=2, repeats=1, epochs=1, seed=0)
+    assert list(rows["recipe"]) == ["paper", "ilse2018"] * 2
+    sgd, adam = made[0], made[1]
+    assert isinstance(sgd, torch.optim.SGD) and isinstance(adam, torch.optim.Adam)
+    assert (sgd.param_groups[0]["lr"], sgd.param_groups[0]["momentum"]) == (1e-4, 0.9)
+    assert sgd.param_groups[0]["weight_decay"] == 0.005
+    group = adam.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (5e-4, (0.9, 0.999), 1e-4)
+
+
+def test_recipe_option_forces_one_recipe_and_explicit_values_override(monkeypatch):
+    made = _capture_optimizers(monkeypatch)
+    bags = synthetic_bags(n_bags=20)
+    rows = cross_validate(bags, ["hamil", "mean"], folds=2, repeats=1, epochs=1, recipe="ilse2018", lr=0.003)
+    assert set(rows["recipe"]) == {"ilse2018"}
+    assert all(isinstance(o, torch.optim.Adam) and o.param_groups[0]["lr"] == 0.003 for o in made)
+    plan = mil_bench.training_plan(["hamil", "max"], dataset="tiger")
+    assert plan["hamil"]["epochs"] == 50 and plan["hamil"]["recipe"] == "paper"
+    assert plan["max"]["optimizer"] == "adam" and plan["max"]["recipe"] == "ilse2018"
+    assert mil_bench.training_plan(["hamil"], dataset="musk1")["hamil"]["epochs"] == 100
+
+
+def test_recipe_column_in_folds_summary_and_settings(tmp_path):
+    import json
+
+    path = write_csv(synthetic_bags(n_bags=20), tmp_path / "synthetic.csv")
+    out = tmp_path / "out"
+    argv = ["mil-bench", "--input", str(path), "--out-dir", str(out), "--models", "hamil", "attention"]
+    assert main([*argv, "--folds", "2", "--repeats", "1", "--epochs", "1", "--jobs", "1"]) == 0
+    folds = pd.read_csv(out / "folds.tsv", sep="\t")
+    summary = pd.read_csv(out / "summary.tsv", sep="\t").set_index("model")
+    assert set(zip(folds["model"], folds["recipe"], strict=True)) == {
+        ("hamil", "paper"),
+        ("attention", "ilse2018"),
+    }
+    assert summary.loc["attention", "recipe"] == "ilse2018" and summary.loc["hamil", "recipe"] == "paper"
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["recipe"] == {"hamil": "paper", "attention": "ilse2018"}
+    assert settings["training"]["attention"]["optimizer"] == "adam"
+    assert settings["training"]["hamil"]["epochs"] == 1
