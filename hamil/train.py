@@ -224,7 +224,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> float:
             if not math.isfinite(step_total[0]):
                 raise TrainingDiverged(
                     f"training loss is {float(step_total[0])} at epoch {epoch}, batch {i}/{steps} "
-                    f"(optimizer step {state.global_step + 1}); stopped, {_kept(run, state)}"
+                    f"(optimizer step {state.global_step + 1}); stopped, {_kept(run, state.epoch)}"
                 )
             run.scaler.step(run.optimizer)
             run.scaler.update()
@@ -243,7 +243,7 @@ def validate(run: Run, epoch: int, train_loss: float) -> dict[str, float]:
     _, y, p, val_loss = predict_batches(run.model, run.val_loader, run.device)
     if not np.isfinite(p).all():
         raise TrainingDiverged(
-            f"validation outputs are not finite after epoch {epoch}; stopped, {_kept(run, None)}"
+            f"validation outputs are not finite after epoch {epoch}; stopped, {_kept(run, epoch - 1)}"
         )
     metrics = compute_metrics(y, p, run.store.class_names)
     row = {
@@ -406,12 +406,11 @@ def _monitor_score(monitor: str, row: dict[str, float]) -> float:
     return -math.inf if math.isnan(value) else value
 
 
-def _kept(run: Run, state: TrainState | None) -> str:
-    path = run.out / "last.pt"
-    if not path.is_file():
+def _kept(run: Run, epochs_done: int) -> str:
+    """Where the last good state is: ``last.pt`` holds the last completed epoch."""
+    if epochs_done == 0:
         return "no checkpoint was written yet"
-    epoch = state.epoch if state is not None else load_checkpoint(path)["epoch"]
-    return f"last good checkpoint: {path} (epoch {epoch})"
+    return f"last good checkpoint: {run.out / 'last.pt'} (epoch {epochs_done})"
 
 
 def _kill_if_asked(epoch: int, batch: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -61,16 +62,11 @@ def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary names :func:`atomic_path` leaves beside ``dest`` when its writer is killed
     (``.<name>.<random>.tmp``, files or folders); returns what was removed."""
     dest = Path(dest)
-    stale = sorted(dest.parent.glob(f".{glob_escape(dest.name)}.*.tmp")) if dest.parent.is_dir() else []
+    stale = sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp")) if dest.parent.is_dir() else []
     for path in stale:
         _remove(path)
         log.info("removed %s, left by an interrupted write of %s", path, dest)
     return stale
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters escaped."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:
