@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from hamil.checkpoint import load_checkpoint, model_from_checkpoint
 from hamil.cli import main
 from hamil.config import TrainConfig
-from hamil.models import build_model
+from hamil.models import build_model, create
 from hamil.train import KILL_AFTER_ENV, amp_dtype, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,3 +102,41 @@ def test_non_tree_models_train_without_host_synchronisation(name):
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", ["hamil", "hamil_a", "ramil"])
+def test_tree_models_synchronise_once_per_batch(name):
+    """Tree building copies sizes and tree features to the host in one copy: one synchronisation per
+    forward pass, whatever the number of bags (index tensors go to the GPU without waiting)."""
+    model = build_model(name, 5).cuda().train()
+    images = torch.randint(0, 256, (23, 3, 64, 64), dtype=torch.uint8).cuda()
+    sizes, labels = torch.tensor([3, 1, 7, 12]).cuda(), (torch.rand(4, 5) < 0.5).float().cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, loss = model(images, sizes, labels)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+def test_tree_execution_on_the_gpu_equals_the_cpu():
+    """The linear-cost tree execution on CUDA (float64) gives the CPU's outputs and gradients."""
+    torch.manual_seed(0)
+    agg = create("hamil", 4, init="default").double()
+    feats = torch.randn(40, 4, 3, 3, dtype=torch.float64)
+    sizes = torch.tensor([1, 12, 2, 25])
+    outs, grads = [], []
+    for device in ("cpu", "cuda"):
+        model = agg.to(device)
+        x = feats.to(device).requires_grad_()
+        out = model(x, sizes.to(device)).bags
+        out.square().sum().backward()
+        outs.append(out.detach().cpu())
+        grads.append(x.grad.cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from hamil.models.ops import bag_slices, pool
+from hamil.models.ops import pool, weighted_sum
 from hamil.models.registry import Aggregator, AggregatorOutput, register
+from hamil.models.tree_plan import leaf_depths, plan_trees
 from hamil.models.units import AggregationUnit, MeanUnit
-from hamil.tree import canonical_children, merge_order, random_merge_order, tree_levels
+from hamil.tree import canonical_children, merge_order, random_merge_order
 from preprocessing.errors import InputError
 
 TREE_FEATURES = ("flatten", "pooled")
@@ -21,8 +22,12 @@ class TreeAggregator(Aggregator):
     """Shared machinery: build one tree per bag, then run merges level by level across the whole batch.
 
     All merges whose children are ready run in one call of the unit, so a batch costs as many unit calls as
-    its tallest tree is high (``self.last_unit_calls`` records it).
+    its tallest tree is high (``self.last_unit_calls`` records it); cost is linear in the number of
+    instances (:mod:`hamil.models.tree_plan`). Tree building needs one device-to-host copy per batch.
     """
+
+    needs_points = True  # trees are built from the instances' features (False: from bag sizes alone)
+    tree_features = "flatten"  # which features: "flatten" (whole maps) or "pooled" (pooled vectors)
 
     def __init__(self, channels: int, unit: nn.Module) -> None:
         super().__init__()
@@ -30,45 +35,72 @@ class TreeAggregator(Aggregator):
         self.unit = unit
         self.last_unit_calls = 0
 
-    def bag_tree(self, features: torch.Tensor) -> np.ndarray:
-        """Merge triplets for one bag's features ``(n, C, h, w)`` (no gradients)."""
+    def tree(self, points: np.ndarray | None, n: int) -> np.ndarray:
+        """Merge triplets ``(n - 1, 3)`` of one bag from its tree features ``(n, D)`` float64 or ``None``."""
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
-        merges, levels, roots = [], [], []
-        offset, next_id = 0, features.shape[0]
-        for part in bag_slices(bag_sizes):
-            n = part.stop - part.start
-            with torch.no_grad():
-                tri = self.bag_tree(features[part].detach())  # (n - 1, 3) local ids
-            # local ids -> global ids: leaves are rows of `features`, new nodes are appended after them
-            local_to_global = np.concatenate(
-                [np.arange(offset, offset + n), np.arange(next_id, next_id + n - 1)]
-            )
-            merges.append(local_to_global[tri])
-            levels.append(tree_levels(tri, n))
-            roots.append(local_to_global[-1] if n > 1 else offset)
-            offset, next_id = offset + n, next_id + n - 1
-        merges_all = np.concatenate(merges) if merges else np.empty((0, 3), np.int64)
-        levels_all = np.concatenate(levels) if levels else np.empty(0, np.int64)
+    def tree_points(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` float64 features the trees are built from (detached)."""
+        return _tree_input(features.detach(), self.tree_features).double()
 
-        nodes = features  # (N + merges so far, C, h, w): leaves, then merged nodes level by level
-        # node ids are assigned bag by bag, but computed level by level: keep a map id -> row of `nodes`
-        row_of = np.full(next_id, -1, dtype=np.int64)
-        row_of[: features.shape[0]] = np.arange(features.shape[0])
-        self.last_unit_calls = 0
-        for level in range(1, int(levels_all.max(initial=0)) + 1):
-            todo = merges_all[levels_all == level]  # (M, 3)
-            left = nodes[torch.as_tensor(row_of[todo[:, 0]], device=features.device)]
-            right = nodes[torch.as_tensor(row_of[todo[:, 1]], device=features.device)]
-            merged = self.unit(left, right)  # (M, C, h, w)
-            row_of[todo[:, 2]] = nodes.shape[0] + np.arange(len(todo))
-            nodes = torch.cat([nodes, merged])
-            self.last_unit_calls += 1
-        bags = nodes[torch.as_tensor(row_of[np.asarray(roots, dtype=np.int64)], device=features.device)]
-        if self.last_unit_calls == 0:  # keep DDP's gradient hooks firing for all-singleton batches
+    def bag_tree(self, features: torch.Tensor) -> np.ndarray:
+        """Merge triplets for one bag's features ``(n, C, h, w)`` (no gradients)."""
+        points = self.tree_points(features).cpu().numpy() if self.needs_points else None
+        return self.tree(points, features.shape[0])
+
+    def batch_trees(
+        self, features: torch.Tensor, bag_sizes: torch.Tensor
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """One tree per bag and the bag sizes on the host, from one device-to-host copy."""
+        with torch.no_grad():
+            sizes, points = _to_host(bag_sizes, self.tree_points(features) if self.needs_points else None)
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        trees = [
+            self.tree(None if points is None else points[s:e], int(e - s))
+            for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+        ]
+        return trees, sizes
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        trees, sizes = self.batch_trees(features, bag_sizes)
+        plan = plan_trees(trees, sizes)
+        order, gather = plan.device_indices(features.device)
+        inbox: list[list[torch.Tensor]] = [[] for _ in range(plan.height + 2)]  # per consumer level: pieces
+        sizes_of = [[rows for _, rows in route] for route in plan.route]
+
+        def publish(level: int, out: torch.Tensor) -> None:  # route one level's rows to their consumers
+            out = out if order[level] is None else out.index_select(0, order[level])
+            route = plan.route[level]
+            pieces = (out,) if len(route) == 1 else torch.split(out, sizes_of[level])
+            for (consumer, _), piece in zip(route, pieces, strict=True):
+                inbox[consumer].append(piece)
+
+        def collect(level: int) -> torch.Tensor:  # a level's inputs in merge (or bag) order
+            pieces = inbox[level]
+            x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            return x if gather[level] is None else x.index_select(0, gather[level])
+
+        merge = self.unit.merger()
+        publish(0, merge.nodes(features))  # leaves (N, C, h, w) or (N, 1, D)
+        for level in range(1, plan.height + 1):
+            children = collect(level)  # (2M, C, h, w): left and right child of each merge, interleaved
+            publish(level, merge(children))  # (M, C, h, w)
+        merge.close()
+        self.last_unit_calls = plan.height
+        bags = merge.features(collect(plan.height + 1))  # (B, C, h, w) or (B, D): roots in bag order
+        if plan.height == 0:  # keep DDP's gradient hooks firing for all-singleton batches
             bags = bags + _zero_touch(self.unit)
         return AggregatorOutput(bags, None)
+
+
+def _to_host(bag_sizes: torch.Tensor, points: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bag sizes ``(B,)`` and tree features ``(N, D)`` on the host in one device-to-host copy."""
+    if points is None or points.device.type == "cpu":
+        return bag_sizes.cpu().numpy(), None if points is None else points.numpy()
+    sizes = bag_sizes.to(points.device, torch.float64, non_blocking=True)  # (B,) exact as float64
+    packed = torch.cat([sizes, points.reshape(-1)]).cpu().numpy()  # the one device-to-host copy
+    b = len(bag_sizes)
+    return packed[:b].astype(np.int64), packed[b:].reshape(points.shape)
 
 
 def _zero_touch(module: nn.Module) -> torch.Tensor | float:
@@ -110,8 +142,7 @@ class Hamil(TreeAggregator):
         super().__init__(channels, unit)
         self.tree_features = tree_features
 
-    def bag_tree(self, features: torch.Tensor) -> np.ndarray:
-        points = _tree_input(features, self.tree_features).double().cpu().numpy()  # (n, D)
+    def tree(self, points: np.ndarray | None, n: int) -> np.ndarray:
         return canonical_children(merge_order(points), points)
 
 
@@ -121,6 +152,16 @@ class HamilA(Hamil):
 
     def __init__(self, channels: int, tree_features: str = "flatten") -> None:
         super().__init__(channels, tree_features=tree_features, unit=MeanUnit())
+
+    def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        """The root of a tree of pairwise means is the mean of the leaves weighted by ``2 ** -depth``:
+        one segment operation instead of one unit call per level (same result up to rounding)."""
+        trees, sizes = self.batch_trees(features, bag_sizes)
+        depth = np.concatenate([leaf_depths(t, n) for t, n in zip(trees, sizes.tolist(), strict=True)])
+        weights = torch.from_numpy(np.ldexp(1.0, -depth))  # (N,) 2 ** -depth
+        weights = weights.to(features.device, features.dtype, non_blocking=True)
+        self.last_unit_calls = 0
+        return AggregatorOutput(weighted_sum(features, weights, bag_sizes), None)  # (B, C, h, w)
 
 
 @register("ramil", paper_name="RAMIL")
@@ -153,7 +194,8 @@ class Ramil(TreeAggregator):
     def set_rng_state(self, state: str) -> None:
         self._train_rng.bit_generator.state = json.loads(state)
 
-    def bag_tree(self, features: torch.Tensor) -> np.ndarray:
-        n = features.shape[0]
+    needs_points = False
+
+    def tree(self, points: np.ndarray | None, n: int) -> np.ndarray:
         rng = self._train_rng if self.training else np.random.default_rng([self.seed, n])
         return random_merge_order(n, rng)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,13 +65,125 @@ class AggregationUnit(nn.Module):
                         layer.bias.zero_()
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Merge ``left`` and ``right`` ``(M, C, H, W)`` (or ``(M, C)``) into one node of the same shape."""
         if self.dims == 2:
-            m, c, h, w = left.shape  # (M, C, H, W)
+            m, c, h, w = left.shape
             pairs = torch.stack((left, right), dim=2).reshape(m * c, 2, h, w)  # (M*C, 2, H, W)
-            return self.layers(pairs).reshape(m, c, h, w)  # (M, C, H, W)
-        m, c = left.shape  # (M, C)
-        pairs = torch.stack((left, right), dim=1)  # (M, 2, C)
-        return self.layers(pairs).reshape(m, c)  # (M, C)
+            return self.layers(pairs).view(m, c, h, w)  # (M, C, H, W)
+        return self.layers(torch.stack((left, right), dim=1)).squeeze(1)  # (M, 2, C) -> (M, C)
+
+    def merger(self) -> PairMerger:
+        """This unit for one batch of trees (see :class:`PairMerger`)."""
+        return PairMerger(self)
+
+
+class PairMerger:
+    """An :class:`AggregationUnit` as a function of children ``(2M, C, H, W)`` (or ``(2M, C)``), left and
+    right child of each merge interleaved, for one batch of trees: ``merger(children) -> (M, C, H, W)``.
+
+    A tree calls the unit once per level, often hundreds of times per batch, so the per-call overhead is
+    cut: layers run as plain functions with their parameters looked up once, and a 1-D convolution is one
+    product with a banded (Toeplitz) matrix built once per batch (the same values up to rounding). Call
+    :meth:`close` after the last level (batch-norm layers count their calls there).
+    """
+
+    def __init__(self, unit: AggregationUnit) -> None:
+        self.dims = unit.dims
+        self.calls = 0
+        self._norms = [m for m in unit.layers if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+        self._steps = [self._step(layer) for layer in unit.layers]
+
+    def __call__(self, children: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        m = children.shape[0] // 2
+        if self.dims == 2:
+            _, c, h, w = children.shape
+            x = children.view(m, 2, c, h, w).transpose(1, 2).reshape(m * c, 2, h, w)  # (M*C, 2, H, W)
+        else:
+            x = children.view(m, 2, -1)  # (M, 2, C) from (2M, 1, C) nodes
+        for step in self._steps:
+            x = step(x)
+        shape = (m, *children.shape[1:])
+        return x if x.shape == shape else x.view(shape)  # (M, C, H, W) or (M, 1, C) nodes
+
+    def nodes(self, features: torch.Tensor) -> torch.Tensor:
+        """Tree nodes from features: ``(N, C, H, W)`` as they are, vectors ``(N, C)`` as ``(N, 1, C)``."""
+        return features.unsqueeze(1) if self.dims == 1 else features
+
+    def features(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`nodes`."""
+        return nodes.squeeze(1) if self.dims == 1 else nodes
+
+    def close(self) -> None:
+        """Count this batch's calls in the batch-norm layers' ``num_batches_tracked``."""
+        for bn in self._norms:
+            if bn.training and bn.track_running_stats and bn.momentum is not None:
+                bn.num_batches_tracked.add_(self.calls)
+        self.calls = 0
+
+    def _step(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        if isinstance(layer, nn.Conv1d):
+            return _conv1d_as_matmul(layer)
+        if isinstance(layer, nn.Conv2d):
+            weight, bias = layer.weight, layer.bias
+            return lambda x: layer._conv_forward(x, weight, bias)
+        if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
+            return _batch_norm(layer)
+        return torch.relu
+
+
+def _conv1d_as_matmul(conv: nn.Conv1d) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``conv`` (stride 1, 'same' zero padding) on ``(M, C_in, L)`` as one product of the flattened input
+    with a banded matrix ``(C_in*L, C_out*L)``, built on the first call for that length (a differentiable
+    gather of the kernel) and reused; returns ``(M, C_out, L)``."""
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    weight, bias = conv.weight, conv.bias
+    c_out, c_in, k = weight.shape
+
+    def step(x: torch.Tensor) -> torch.Tensor:  # (M, C_in, L) -> (M, C_out, L)
+        m, _, length = x.shape
+        if length not in cache:
+            index = torch.from_numpy(_toeplitz_index(c_out, c_in, k, length)).to(weight.device)
+            flat = torch.cat([weight.flatten(), weight.new_zeros(1)])  # the last entry is the zero
+            long_bias = None if bias is None else bias.repeat_interleave(length)  # (C_out*L,)
+            cache[length] = flat[index], long_bias  # (C_in*L, C_out*L)
+        matrix, long_bias = cache[length]
+        flat_x = x.reshape(m, c_in * length)  # (M, C_in*L), a view of contiguous inputs
+        y = flat_x @ matrix if long_bias is None else torch.addmm(long_bias, flat_x, matrix)
+        return y.view(m, c_out, length)
+
+    return step
+
+
+@functools.lru_cache(maxsize=32)
+def _toeplitz_index(c_out: int, c_in: int, k: int, length: int) -> np.ndarray:
+    """``(c_in*L, c_out*L)`` index into the flattened weight ``(c_out, c_in, k)`` plus one zero at the end:
+    ``T[(i, s), (o, j)] = w[o, i, s - j + k // 2]`` where the tap exists, else the zero."""
+    axes = (np.arange(c_in), np.arange(length), np.arange(c_out), np.arange(length))
+    i, s, o, j = np.meshgrid(*axes, indexing="ij")
+    tap = s - j + k // 2
+    index = np.where((tap >= 0) & (tap < k), (o * c_in + i) * k + tap, c_out * c_in * k)
+    return index.reshape(c_in * length, c_out * length)
+
+
+def _batch_norm(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``bn`` as a plain function (what ``_BatchNorm.forward`` computes; ``num_batches_tracked`` is
+    counted by :meth:`PairMerger.close`, or per call when ``momentum`` is None and it is needed)."""
+    weight, bias, eps = bn.weight, bn.bias, bn.eps
+    use_running = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if use_running else None
+    running_var = bn.running_var if use_running else None
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    cudnn = torch.backends.cudnn.enabled
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.momentum is None and bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked)
+        return torch.batch_norm(x, weight, bias, running_mean, running_var, batch_stats, momentum, eps, cudnn)
+
+    return step
 
 
 class MeanUnit(nn.Module):
@@ -75,3 +191,23 @@ class MeanUnit(nn.Module):
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return (left + right) * 0.5
+
+    def merger(self) -> MeanOfPairs:
+        """Children ``(2M, ...)``, left and right interleaved -> ``(M, ...)`` means."""
+        return MeanOfPairs()
+
+
+class MeanOfPairs:
+    """:class:`MeanUnit` for one batch of trees, with :class:`PairMerger`'s interface."""
+
+    def __call__(self, children: torch.Tensor) -> torch.Tensor:
+        return (children[0::2] + children[1::2]) * 0.5  # (2M, ...) -> (M, ...)
+
+    def nodes(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def features(self, nodes: torch.Tensor) -> torch.Tensor:
+        return nodes
+
+    def close(self) -> None:
+        pass
