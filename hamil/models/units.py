@@ -100,7 +100,7 @@ class PairMerger:
             _, c, h, w = children.shape
             x = children.view(m, 2, c, h, w).transpose(1, 2).reshape(m * c, 2, h, w)  # (M*C, 2, H, W)
         else:
-            x = children.view(m, 2, -1)  # (M, 2, C) from (2M, 1, C) nodes
+            x = children.view(m, -1)  # (M, 2*C): the pairs (M, 2, C) of (2M, 1, C) nodes, flattened
         for step in self._steps:
             x = step(x)
         shape = (m, *children.shape[1:])
@@ -133,22 +133,22 @@ class PairMerger:
 
 
 def _conv1d_as_matmul(conv: nn.Conv1d) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``conv`` (stride 1, 'same' zero padding) on ``(M, C_in, L)`` as one product of the flattened input
+    """``conv`` (stride 1, 'same' zero padding) on ``(M, C_in, L)`` (or flattened) as one product of the input
     with a banded matrix ``(C_in*L, C_out*L)``, built on the first call for that length (a differentiable
     gather of the kernel) and reused; returns ``(M, C_out, L)``."""
     cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     weight, bias = conv.weight, conv.bias
     c_out, c_in, k = weight.shape
 
-    def step(x: torch.Tensor) -> torch.Tensor:  # (M, C_in, L) -> (M, C_out, L)
-        m, _, length = x.shape
+    def step(x: torch.Tensor) -> torch.Tensor:  # (M, C_in, L) or flattened (M, C_in*L) -> (M, C_out, L)
+        m, length = x.shape[0], x[0].numel() // c_in
         if length not in cache:
             index = torch.from_numpy(_toeplitz_index(c_out, c_in, k, length)).to(weight.device)
             flat = torch.cat([weight.flatten(), weight.new_zeros(1)])  # the last entry is the zero
             long_bias = None if bias is None else bias.repeat_interleave(length)  # (C_out*L,)
             cache[length] = flat[index], long_bias  # (C_in*L, C_out*L)
         matrix, long_bias = cache[length]
-        flat_x = x.reshape(m, c_in * length)  # (M, C_in*L), a view of contiguous inputs
+        flat_x = x if x.dim() == 2 else x.reshape(m, c_in * length)  # (M, C_in*L)
         y = flat_x @ matrix if long_bias is None else torch.addmm(long_bias, flat_x, matrix)
         return y.view(m, c_out, length)
 
