@@ -51,7 +51,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             text = f"{text} (default: none)".strip()
         choices = f.metadata.get("choices")
         if f.metadata.get("positional"):
-            group.add_argument(f.name, choices=choices, help=text)
+            group.add_argument(f.name, choices=choices, nargs=nargs, help=text)
         elif kind is bool:
             group.add_argument(
                 "--" + f.name.replace("_", "-"),
@@ -85,7 +85,8 @@ def _arg_type(hint: Any) -> tuple[Callable[[str], Any], str | None]:
             return _or_none(kind), nargs  # "none" on the command line gives None
         return kind, nargs
     if typing.get_origin(hint) in (tuple, list):
-        return args[0], "*" if typing.get_origin(hint) is list else "+"
+        variadic = typing.get_origin(hint) is list or Ellipsis in typing.get_args(hint)  # tuple[int, ...]
+        return args[0], "*" if variadic else "+"
     if typing.get_origin(hint) is dict:
         return str, None  # a JSON object, parsed by json_object when the dataclass is built
     return hint, None

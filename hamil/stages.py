@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from hamil.config import TrainConfig, check_options, valid_device, valid_threads
+from hamil.mil_synth import MilSynthParams
 from preprocessing.bags import BagParams
 from preprocessing.crop import CropParams
 from preprocessing.errors import InputError
@@ -97,6 +98,16 @@ class CropJob:
             self,
         )
         check_fraction(self.max_bad_fraction)
+
+
+@dataclass
+class CropPreviewJob:
+    fields: list[str] = opt(help="image files, or images.tsv tables (their rows in order)", positional=True)
+    out: str = opt("crop_preview.png", "the figure (PNG): kept boxes drawn on each field")
+    max_fields: int = opt(6, "draw at most this many fields (the first ones)")
+
+    def __post_init__(self) -> None:
+        check_options({"max_fields": self.max_fields >= 1}, self)
 
 
 @dataclass
@@ -184,6 +195,13 @@ def run_crop(job: CropJob, params: CropParams) -> None:
         max_bad_fraction=job.max_bad_fraction,
     )
     log.info("crop shard %d/%d: %s", job.shard, job.num_shards, stats)
+
+
+def run_crop_preview(job: CropPreviewJob, params: CropParams) -> None:
+    from preprocessing.preview import preview_crop
+
+    counts = preview_crop(job.fields, params, job.out, max_fields=job.max_fields)
+    log.info("crop preview (%s): %s -> %s", params.backend, counts, job.out)
 
 
 def run_bags(job: BagsJob, params: BagParams) -> None:
@@ -483,6 +501,17 @@ def run_mil_bench(p: MilBenchParams) -> None:
     log.info("mil-bench: %d models; tables in %s", len(summary), p.out_dir)
 
 
+@dataclass
+class MilSynthJob:
+    out: str = opt(help="output CSV (label,bag,f1,... rows, no header), e.g. data/mil/synthetic.csv")
+
+
+def run_mil_synth(job: MilSynthJob, params: MilSynthParams) -> None:
+    from hamil.mil_synth import write_mil_csv
+
+    log.info("mil-synth: %s written to %s", write_mil_csv(job.out, params), job.out)
+
+
 class Stage(NamedTuple):
     """One ``hamil <stage>``: its help line, its parameter dataclasses, and the function taking them."""
 
@@ -497,12 +526,22 @@ STAGES: dict[str, Stage] = {
         "acquire a data source (hpa, hpa_paper, bdgp, or your own folder)", (DownloadJob,), run_download
     ),
     "crop": Stage("cut cell patches from one shard of images.tsv", (CropJob, CropParams), run_crop),
+    "crop-preview": Stage(
+        "draw the boxes the crop keeps on a few fields (check the crop before a whole data set)",
+        (CropPreviewJob, CropParams),
+        run_crop_preview,
+    ),
     "bags": Stage("build the bag store from all patch shards", (BagsJob, BagParams), run_bags),
     "train": Stage("train one model with one seed", (TrainConfig, TrainJob), run_train),
     "evaluate": Stage("evaluate a checkpoint on a split", (EvaluateParams,), run_evaluate),
     "figures": Stage("draw the figures of a training run (PNG and SVG)", (FigureParams,), run_figures),
     "compare": Stage("gather metrics of all models and seeds into one table", (CompareParams,), run_compare),
     "predict": Stage("predict labels for your own bags of images", (PredictParams,), run_predict),
+    "mil-synth": Stage(
+        "write a synthetic classical-MIL set (bags of feature vectors) for mil-bench",
+        (MilSynthJob, MilSynthParams),
+        run_mil_synth,
+    ),
     "mil-bench": Stage(
         "classical MIL benchmarks (MUSK, Fox, ...): repeated cross-validation",
         (MilBenchParams,),

@@ -37,6 +37,7 @@ from preprocessing.io import (
 )
 from preprocessing.options import opt
 from preprocessing.proposals import BACKENDS, OPENCV_MODES, propose_boxes
+from preprocessing.seeded import THRESHOLDS
 from preprocessing.store import create_patch_array
 
 __all__ = [
@@ -60,7 +61,10 @@ class CropParams:
     """Parameters of proposal, filtering and cropping (stored in the Zarr attributes); checked on creation."""
 
     backend: str = opt(
-        "opencv", "proposal backend: opencv (ximgproc, fast) or selectivesearch (the package the paper used)"
+        "opencv",
+        "cell boxes from: opencv (selective search, ximgproc), selectivesearch (the package the paper used) "
+        "or seeded (cells grown from their nuclei; see docs/crop-backends.md)",
+        choices=BACKENDS,
     )
     downscale: int = opt(512, "longest side of the field on which proposals are computed")
     patch_size: int = opt(512, "output patch side")
@@ -70,7 +74,9 @@ class CropParams:
     nms_iou: float = opt(
         0.3, "non-maximum suppression: boxes overlapping a better one by more than this IoU are dropped"
     )
-    min_nucleus_fraction: float = opt(0.05, "fraction of box pixels whose blue channel is above Otsu")
+    min_nucleus_fraction: float = opt(
+        0.05, "boxes with a smaller fraction of nucleus pixels (nucleus channel above threshold) are dropped"
+    )
     max_patches_per_field: int = opt(50, "at most this many patches per field (best scores first)")
     square: bool = opt(True, "expand kept boxes to squares around their centre before resizing")
     min_score: float = opt(
@@ -83,6 +89,12 @@ class CropParams:
     smooth: float = opt(0.0, "proposal image: Gaussian sigma, fraction of the shorter side (0: none)")
     mask_background: bool = opt(True, "proposal image: background pixels (see foreground mask) set to 0")
     refine: float = opt(0.15, "also score proposals snapped to the foreground within this margin (0: off)")
+    drop_border: bool = opt(False, "drop boxes touching the field's edge (cells cut by it)")
+    # channel roles (fields are RGB; a grey field, all channels equal, is nuclei only)
+    nucleus_channel: int = opt(2, "channel of the nuclear stain: 0 red, 1 green, 2 blue (HPA: 2)")
+    cytoplasm_channels: tuple[int, ...] = opt(
+        (0, 1), "seeded backend: channels showing the cell bodies (HPA: 0 1; empty: nuclei only)"
+    )
     # opencv backend
     opencv_mode: str = opt("single", "opencv backend: fast (switchToSelectiveSearchFast), single or quality")
     opencv_k: int = opt(300, "opencv backend: graph-segmentation k (base_k for fast/quality; inc_k = k)")
@@ -91,6 +103,18 @@ class CropParams:
     ss_scale: float = opt(100.0, "selectivesearch backend: felzenszwalb scale at the downscaled resolution")
     ss_sigma: float = opt(0.9, "selectivesearch backend: felzenszwalb sigma")
     ss_min_size: int = opt(50, "selectivesearch backend: felzenszwalb minimum component size")
+    # seeded backend (at the downscaled resolution)
+    seeded_sigma: float = opt(
+        1.0, "seeded backend: Gaussian sigma (px at the working resolution) before thresholding"
+    )
+    seeded_threshold: str = opt(
+        "local",
+        "seeded backend: nucleus threshold, local (window 1.5 nucleus diameters) or otsu, li, triangle",
+        choices=THRESHOLDS,
+    )
+    seeded_split: float = opt(
+        0.25, "seeded backend: touching nuclei split at centres this many nucleus diameters apart or more"
+    )
     # whole images as instances (BDGP embryos, already cropped patches): no proposals, just a resize
     instances: str = opt(
         "cells", "cells (boxes proposed and cut) or whole (each image is one instance, resized)"
@@ -121,6 +145,21 @@ class CropParams:
             raise InputError("crop parameters: downscale >= 16, patch_size >= 1, max_patches_per_field >= 0")
         if not 0 < self.min_size <= self.max_size or self.max_aspect < 1:
             raise InputError("crop parameters: need 0 < min_size <= max_size and max_aspect >= 1")
+        self._check_roles_and_seeded()
+
+    def _check_roles_and_seeded(self) -> None:
+        """Channel roles and seeded-backend parameters (one line naming the first bad one)."""
+        for name, channel in [("nucleus_channel", self.nucleus_channel)] + [
+            ("cytoplasm_channels", c) for c in self.cytoplasm_channels
+        ]:
+            if not 0 <= channel <= 2:
+                raise InputError(f"{name}: channel {channel} is not one of 0 (red), 1 (green), 2 (blue)")
+        if self.seeded_threshold not in THRESHOLDS:
+            raise InputError(
+                f"seeded_threshold must be one of {', '.join(THRESHOLDS)}; got {self.seeded_threshold!r}"
+            )
+        if self.seeded_sigma < 0 or self.seeded_split <= 0:
+            raise InputError("crop parameters: need seeded_sigma >= 0 and seeded_split > 0")
 
 
 def patch_windows(boxes: np.ndarray, shape: tuple[int, int], square: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,18 @@
-"""Cell proposals on a field of view: selective search, box scoring, filtering and NMS.
+"""Cell boxes of a field of view: selective search (scored, filtered, NMS) or nucleus-seeded segmentation.
 
-Proposals are computed on a downscaled copy of the field (longest side ``downscale`` of
-:class:`preprocessing.crop.CropParams`) with one of two backends: OpenCV's ``cv2.ximgproc.segmentation``
-selective search or the ``selectivesearch`` PyPI package (the one the HAMIL paper used). Candidates are
-filtered by size, aspect and nucleus signal and scored by how well they frame one whole, isolated cell:
+Boxes are computed on a downscaled copy of the field (longest side ``downscale`` of
+:class:`preprocessing.crop.CropParams`) with one of three backends: OpenCV's ``cv2.ximgproc.segmentation``
+selective search, the ``selectivesearch`` PyPI package (the one the HAMIL paper used), or ``seeded``: cells
+grown from their nuclei (:mod:`preprocessing.seeded`), one box per cell region, no proposals to score.
+
+Selective-search candidates are filtered by size, aspect and nucleus signal and scored by how well they
+frame one whole, isolated cell:
 
 * ``fill``: fraction of the box covered by foreground (cells: triangle threshold on the brightest channel);
 * ``clear``: fraction of a thin ring just outside the box that is background -- low for fragments that cut
   through a cell;
-* ``nuclei``: number of nucleus blobs (Otsu on blue) whose centroid lies in the box -- boxes holding several
-  cells are penalised, boxes holding none are dropped.
+* ``nuclei``: number of nucleus blobs (Otsu on the nucleus channel, HPA: blue) whose centroid lies in the
+  box -- boxes holding several cells are penalised, boxes holding none are dropped.
 
 ``score = fill * clear**2 / max(nuclei, 1)``; greedy NMS on that score keeps whole cells over fragments and
 multi-cell boxes. Kept boxes are mapped back to full resolution.
@@ -21,6 +24,10 @@ a cell (common with the ``selectivesearch`` package, whose regions merge by boun
 Selective search runs on a brightness-normalised copy of the field with the background (outside the
 foreground mask) set to zero: on raw fluorescence fields the noisy dark background and the HSV hue of
 near-black pixels fragment the segmentation, and blurred or noisy fields lose most whole-cell proposals.
+
+The ``seeded`` boxes go through the same size, aspect, nucleus-signal and border filters and the per-field
+cap, ordered by the fraction of the box their cell fills; they are not scored against a ring nor put through
+NMS (cells are disjoint regions; the boxes of touching cells may overlap and are all kept).
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ import cv2
 import numpy as np
 
 from preprocessing import boxes as bx
+from preprocessing import seeded
+from preprocessing.errors import InputError
 
 if TYPE_CHECKING:
     from preprocessing.crop import CropParams  # the crop stage owns its parameters; only read here
 
-BACKENDS = ("opencv", "selectivesearch")
+BACKENDS = ("opencv", "selectivesearch", "seeded")
 OPENCV_MODES = ("fast", "single", "quality")
 
 
@@ -47,13 +56,40 @@ OPENCV_MODES = ("fast", "single", "quality")
 def propose_boxes(field: np.ndarray, params: CropParams) -> np.ndarray:
     """Cell boxes of one field: ``(n, 4)`` int64 ``x0, y0, x1, y1`` (exclusive) at full resolution.
 
-    ``field`` is ``(H, W, 3)`` uint8 RGB. Boxes come after all filtering, NMS and the per-field cap, in
-    decreasing score order, and before any square expansion. The result is deterministic.
+    ``field`` is ``(H, W, 3)`` uint8 RGB (or ``(H, W)`` grey). Boxes come after all filtering, NMS and the
+    per-field cap, in decreasing score order, and before any square expansion. The result is deterministic.
     """
     small, factor = _downscale(field, params.downscale)  # (h, w, 3), full = small * factor
-    masks = _masks(small)
-    keep_small, _ = _select(_candidates(small, masks, params), masks, params)  # (n, 4)
+    if params.backend == "seeded":
+        keep_small, finer = _seeded_boxes(small, params)  # (n, 4) at 1 / finer of small's resolution
+        factor *= finer
+    else:
+        if small.ndim == 2:
+            small = np.repeat(small[:, :, None], 3, axis=2)  # (h, w, 3) grey as RGB
+        masks = _masks(small, params.nucleus_channel)
+        keep_small, _ = _select(_candidates(small, masks, params), masks, params)  # (n, 4)
     return _to_full(keep_small, factor, field.shape[:2])
+
+
+def _seeded_boxes(small: np.ndarray, params: CropParams) -> tuple[np.ndarray, float]:
+    """Boxes ``(n, 4)`` of the cells of :func:`preprocessing.seeded.segment` on the downscaled field, after
+    the size, aspect, nucleus-signal and border filters and the per-field cap, fullest boxes first, and the
+    factor from the segmentation's resolution to ``small``'s."""
+    seg = seeded.segment(small, params)
+    h, w = seg.cells.shape
+    boxes, fill = seeded.region_boxes(seg.cells)  # (c, 4), (c,)
+    keep = _shape_ok(boxes, min(h, w), params)
+    nucleus_integral = cv2.integral((seg.nuclei > 0).astype(np.uint8), sdepth=cv2.CV_64F)
+    keep &= _box_sum(nucleus_integral, boxes) / _box_area(boxes) >= params.min_nucleus_fraction
+    if params.drop_border:
+        keep &= ~_on_border(boxes, w, h)
+    order = np.argsort(-fill[keep], kind="stable")[: params.max_patches_per_field]
+    return boxes[keep][order], seg.factor
+
+
+def _on_border(b: np.ndarray, w: int, h: int) -> np.ndarray:
+    """``(c,)`` bool: boxes ``(c, 4)`` touching the edge of a ``w`` x ``h`` field (cells cut by it)."""
+    return (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= w) | (b[:, 3] >= h)
 
 
 def _downscale(field: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
@@ -134,6 +170,8 @@ def _select(cand: np.ndarray, masks: _Masks, params: CropParams) -> tuple[np.nda
     if params.refine > 0 and len(cand):
         cand = _unique(np.concatenate([cand, _refine(cand, masks.foreground, params.refine)]))
     cand = cand[_shape_ok(cand, min(h, w), params)]
+    if params.drop_border:
+        cand = cand[~_on_border(cand, w, h)]
     if len(cand) == 0 or params.max_patches_per_field == 0:
         return np.zeros((0, 4), dtype=np.int64), np.zeros(0)
     nuc_frac = _box_sum(masks.nucleus_integral, cand) / _box_area(cand)  # (c,)
@@ -180,13 +218,16 @@ class _Masks:
     nucleus_centroids: np.ndarray  # (k, 2) x, y
 
 
-def _masks(small: np.ndarray) -> _Masks:
+def _masks(small: np.ndarray, nucleus_channel: int = 2) -> _Masks:
     """Foreground (triangle threshold on the brightest channel: cells are dim next to nuclei, so Otsu would
-    keep only nuclei) and nucleus (Otsu on blue) masks, as integral images, plus nucleus blob centroids."""
+    keep only nuclei) and nucleus (Otsu on the nucleus channel, HPA: blue) masks, as integral images, plus
+    nucleus blob centroids."""
+    if not 0 <= nucleus_channel < small.shape[2]:
+        raise InputError(f"nucleus_channel {nucleus_channel} out of range for {small.shape[2]} channels")
     sigma = max(1.0, 0.004 * min(small.shape[:2]))
     fg = _threshold(cv2.GaussianBlur(small.max(axis=2), (0, 0), sigma), cv2.THRESH_TRIANGLE)
     nucleus = _threshold(
-        cv2.GaussianBlur(np.ascontiguousarray(small[:, :, 2]), (0, 0), sigma), cv2.THRESH_OTSU
+        cv2.GaussianBlur(np.ascontiguousarray(small[:, :, nucleus_channel]), (0, 0), sigma), cv2.THRESH_OTSU
     )
     # nucleus blobs: opening removes speckle, tiny blobs are ignored
     opened = cv2.morphologyEx(nucleus.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))

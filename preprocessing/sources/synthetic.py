@@ -3,7 +3,9 @@
 Each field is an RGB image: red = microtubules, green = the protein of interest, blue = nuclei. A protein
 (a *group*) has 1-3 subcellular locations from :data:`LOCATIONS`; every cell of every field of that protein
 shows the same green pattern(s), with per-cell variation in shape and intensity. Some fields are of poor
-quality (blurred, dim, noisy, or without specific green signal).
+quality (blurred, dim, noisy, or without specific green signal). Cells are kept apart by a gap unless
+``touching`` is set: then their bodies touch and overlap a little (with many cells per field, the dense
+setting of ``benchmarks/bench_crop.py``).
 
 :func:`generate` writes the images (lossless PNG), ``images.tsv`` and ``boxes.tsv`` (the true cell
 bounding boxes). The output is byte-identical for a given seed whatever the number of workers: every field
@@ -53,6 +55,7 @@ _INCOMPATIBLE: frozenset[frozenset[str]] = frozenset(
     {frozenset({"Nucleus", "Nucleoli"}), frozenset({"Nucleus", "Nuclear speckles"})}
 )
 _BOX_IOU_MAX = 0.05  # placement limit; callers may rely on IoU < 0.1
+_BOX_IOU_MAX_TOUCHING = 0.3  # the same with ``touching``: neighbours' boxes overlap, less than half
 _PLACEMENT_TRIES = 300
 
 
@@ -70,6 +73,11 @@ class SynthParams:
     poor_fraction: float = opt(0.2, "fraction of fields of poor quality")
     label_skew: float = opt(1.0, "class imbalance: 1 = HPA-like (Nucleoplasm ~5x Golgi), 0 = uniform")
     seed: int = opt(0, "random seed of the whole data set")
+    touching: float | None = opt(
+        None,
+        "dense fields: cells may touch, their bodies overlapping by up to this fraction of cell_size "
+        "(0: touching, no overlap; default none: a gap between cells)",
+    )
 
     def __post_init__(self) -> None:
         """Raise :class:`InputError` naming the first inconsistent parameter."""
@@ -89,6 +97,8 @@ class SynthParams:
             raise InputError(f"label_skew must be >= 0, got {self.label_skew}")
         if self.seed < 0:
             raise InputError(f"seed must be >= 0, got {self.seed}")
+        if self.touching is not None and not 0.0 <= self.touching <= 0.25:
+            raise InputError(f"touching must be in [0, 0.25] (or none), got {self.touching}")
 
 
 @dataclass(frozen=True)
@@ -271,15 +281,15 @@ def _render_field(spec: _FieldSpec, with_masks: bool = False) -> _FieldResult:
     n_cells = int(rng.integers(params.cells_min, params.cells_max + 1))
     for _ in range(n_cells):
         cell = _make_cell(rng, params.cell_size)
-        where = _place(cell, occupied, boxes, rng)
+        iou_max = _BOX_IOU_MAX if params.touching is None else _BOX_IOU_MAX_TOUCHING
+        where = _place(cell, occupied, boxes, rng, iou_max)
         if where is None:
             continue
         x, y = where
         h, w = cell.shape
         window = (slice(y, y + h), slice(x, x + w))
         img[window] += _render_cell(cell, spec.protein, spec.quality == "nosignal", rng)
-        gap = max(2, int(round(3 * cell.scale)))
-        occupied[window] |= cv2.dilate(cell.body, np.ones((2 * gap + 1, 2 * gap + 1), np.uint8))
+        occupied[window] |= _claimed(cell, params.touching, params.cell_size)
         ys, xs = np.nonzero(cell.body)
         boxes.append((x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1))
         if cell_masks is not None and nucleus_masks is not None:
@@ -294,10 +304,27 @@ def _render_field(spec: _FieldSpec, with_masks: bool = False) -> _FieldResult:
     return _FieldResult(image, boxes, cell_masks, nucleus_masks)
 
 
+def _claimed(cell: _Cell, touching: float | None, cell_size: int) -> np.ndarray:
+    """The pixels of the cell's canvas that no later cell body may cover, ``(h, w)`` uint8: the body grown by
+    a gap (``touching`` None), or the body shrunk by ``touching * cell_size`` (neighbours touch, overlap)."""
+    if touching is None:
+        gap = max(2, int(round(3 * cell.scale)))
+        return cv2.dilate(cell.body, np.ones((2 * gap + 1, 2 * gap + 1), np.uint8))
+    shrink = int(round(touching * cell_size))
+    if shrink == 0:
+        return cell.body
+    return cv2.erode(cell.body, np.ones((2 * shrink + 1, 2 * shrink + 1), np.uint8))
+
+
 def _place(
-    cell: _Cell, occupied: np.ndarray, boxes: list[tuple[int, int, int, int]], rng: np.random.Generator
+    cell: _Cell,
+    occupied: np.ndarray,
+    boxes: list[tuple[int, int, int, int]],
+    rng: np.random.Generator,
+    iou_max: float = _BOX_IOU_MAX,
 ) -> tuple[int, int] | None:
-    """Find a top-left corner where the cell's canvas fits, its body is free and its box barely overlaps."""
+    """Find a top-left corner where the cell's canvas fits, its body is free and its box overlaps the other
+    boxes by IoU < ``iou_max``."""
     h, w = cell.shape
     size = occupied.shape[0]
     if h > size or w > size:
@@ -310,7 +337,7 @@ def _place(
         if np.any(occupied[y : y + h, x : x + w] & cell.body):
             continue
         shifted = (box[0] + x, box[1] + y, box[2] + x, box[3] + y)
-        if all(_iou(shifted, other) < _BOX_IOU_MAX for other in boxes):
+        if all(_iou(shifted, other) < iou_max for other in boxes):
             return x, y
     return None
 
