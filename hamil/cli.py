@@ -42,6 +42,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group(f"{cls.__name__} options")
     for f in dataclasses.fields(cls):
         kind, nargs = _arg_type(hints[f.name])
+        nargs = f.metadata.get("nargs", nargs)  # e.g. "*": an option that may be given with no value
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f.metadata.get("help", "")
@@ -85,8 +86,7 @@ def _arg_type(hint: Any) -> tuple[Callable[[str], Any], str | None]:
             return _or_none(kind), nargs  # "none" on the command line gives None
         return kind, nargs
     if typing.get_origin(hint) in (tuple, list):
-        variadic = typing.get_origin(hint) is list or Ellipsis in typing.get_args(hint)  # tuple[int, ...]
-        return args[0], "*" if variadic else "+"
+        return args[0], "*" if typing.get_origin(hint) is list else "+"
     if typing.get_origin(hint) is dict:
         return str, None  # a JSON object, parsed by json_object when the dataclass is built
     return hint, None

@@ -657,10 +657,9 @@ def to_markdown(
     lines = [f"## {title}", ""] if title else []
     paired = "vs_hamil_mean" in summary.columns
     has_pub = "published_mean" in summary.columns
-    head = (
-        "| model | paper's name | folds | accuracy (mean ± sd over folds) | sd of repeat means | s / fold |"
-    )
-    rule = "|---|---|---:|---:|---:|---:|"
+    head = "| model | paper's name | recipe | folds | accuracy (mean ± sd over folds) | sd of repeat means |"
+    head += " s / fold |"
+    rule = "|---|---|---|---:|---:|---:|---:|"
     if paired:
         head += " paired Δ vs hamil (mean ± sd over folds) |"
         rule += "---:|"
@@ -670,7 +669,8 @@ def to_markdown(
     lines += [head, rule]
     for r in summary.itertuples(index=False):
         line = (
-            f"| {r.model} | {r.paper_name} | {r.folds} | {r.accuracy_mean:.3f} ± {r.accuracy_sd:.3f} "
+            f"| {r.model} | {r.paper_name} | {getattr(r, 'recipe', '')} | {r.folds} "
+            f"| {r.accuracy_mean:.3f} ± {r.accuracy_sd:.3f} "
             f"| {r.repeat_sd:.3f} | {r.seconds_per_fold:.2f} |"
         )
         if paired:

@@ -102,7 +102,9 @@ class CropJob:
 
 @dataclass
 class CropPreviewJob:
-    fields: list[str] = opt(help="image files, or images.tsv tables (their rows in order)", positional=True)
+    fields: list[str] = opt(
+        help="image files, or images.tsv tables (their rows in order)", positional=True, nargs="+"
+    )
     out: str = opt("crop_preview.png", "the figure (PNG): kept boxes drawn on each field")
     max_fields: int = opt(6, "draw at most this many fields (the first ones)")
 

@@ -93,7 +93,7 @@ class CropParams:
     # channel roles (fields are RGB; a grey field, all channels equal, is nuclei only)
     nucleus_channel: int = opt(2, "channel of the nuclear stain: 0 red, 1 green, 2 blue (HPA: 2)")
     cytoplasm_channels: tuple[int, ...] = opt(
-        (0, 1), "seeded backend: channels showing the cell bodies (HPA: 0 1; empty: nuclei only)"
+        (0, 1), "seeded backend: channels showing the cell bodies (HPA: 0 1; empty: nuclei only)", nargs="*"
     )
     # opencv backend
     opencv_mode: str = opt("single", "opencv backend: fast (switchToSelectiveSearchFast), single or quality")

@@ -14,7 +14,8 @@ from typing import Any
 def opt(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any:  # noqa: A002
     """A dataclass field with its default (none: required) and a one-line ``help``.
 
-    ``extra`` goes to the metadata: ``choices`` (allowed values), ``positional`` (an argument, not an option).
+    ``extra`` goes to the metadata: ``choices`` (allowed values), ``positional`` (an argument, not an option),
+    ``nargs`` (the command line's number of values, when not the type's: ``"*"`` allows none).
     """
     metadata = {"help": help, **extra}
     if isinstance(default, list | dict):

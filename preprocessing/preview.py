@@ -96,6 +96,8 @@ def _save_panels(panels: list[tuple[str, np.ndarray]], dest: Path, title: str) -
         ax.set_title(name, fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(dest) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)

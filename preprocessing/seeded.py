@@ -96,7 +96,9 @@ def segment(field: np.ndarray, params: CropParams) -> Segmentation:
     factor = diameter / _WORK_DIAMETER if diameter > _RESCALE_ABOVE else 1.0
     if factor > 1:
         nucleus, factor = _shrink(nucleus, factor)
-        cytoplasm = None if cytoplasm is None else _shrink(cytoplasm, factor)[0]
+        if cytoplasm is not None:  # exactly the nucleus image's size (rounding could differ by a pixel)
+            size = (nucleus.shape[1], nucleus.shape[0])
+            cytoplasm = cv2.resize(np.ascontiguousarray(cytoplasm), size, interpolation=cv2.INTER_AREA)
         diameter /= factor
     nuclei = segment_nuclei(nucleus, diameter, params)  # (h', w') int32
     if cytoplasm is None or nuclei.max() == 0:

@@ -195,7 +195,7 @@ def test_max_pooling_finds_the_informative_instance_better_than_mean(tmp_path):
     assert summary.loc["max", "accuracy_mean"] >= summary.loc["mean", "accuracy_mean"] + 0.10
     folds = pd.read_csv(out / "folds.tsv", sep="\t")
     assert len(folds) == 8 and set(folds["model"]) == {"mean", "max"}
-    assert "| max | Max | 4 |" in (out / "summary.md").read_text()
+    assert "| max | Max | paper | 4 |" in (out / "summary.md").read_text()  # the recipe beside the result
     pd.testing.assert_frame_equal(summarise(folds), summary.reset_index())
 
 

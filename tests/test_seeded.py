@@ -97,6 +97,27 @@ def test_touching_nuclei_are_split() -> None:
     assert bx.iou(boxes, np.array([_box(n) for n in nuclei])).max(axis=1).min() >= 0.5
 
 
+@pytest.mark.parametrize("radius", [18, 23])
+def test_large_nuclei_on_a_4_3_field(radius: int) -> None:
+    """Nuclei over 32 px across at the working size are segmented at a smaller scale; on a 4:3 field the
+    rounding of that scale once left the cytoplasm a pixel off the nuclei (a crash, found in review)."""
+    rng = np.random.default_rng(0)
+    small = np.zeros((384, 512, 3), np.uint8)  # (h, w, 3)
+    centres = [
+        (x, y)
+        for y in range(2 * radius, 384 - 2 * radius, int(radius * 3.2))
+        for x in range(2 * radius, 512 - 2 * radius, int(radius * 3.2))
+    ]
+    for x, y in centres:
+        cv2.circle(small, (x, y), int(radius * 1.5), (120, 90, 0), -1)  # cell body
+        cv2.circle(small, (x, y), radius, (120, 90, 220), -1)  # nucleus
+    small = cv2.GaussianBlur(small, (0, 0), 1.5)
+    small = np.clip(small.astype(int) + rng.integers(0, 10, small.shape), 0, 255).astype(np.uint8)
+    field = cv2.resize(small, (2048, 1536), interpolation=cv2.INTER_LINEAR)  # a 4:3 camera field
+    boxes = propose_boxes(field, SEEDED)
+    assert len(boxes) >= 0.8 * len(centres)
+
+
 def test_grey_fields_are_nuclei_only() -> None:
     field, _ = _two_touching_cells()
     grey = field[:, :, 2]  # (h, w): the nuclei

@@ -208,3 +208,26 @@ def test_leaf_depths() -> None:
     for n in (2, 5, 17):
         depths = leaf_depths(random_merge_order(n, rng), n)
         assert np.isclose(np.ldexp(1.0, -depths).sum(), 1.0)  # the weights of a binary tree sum to one
+
+
+def test_sync_batch_norm_units_are_run_as_modules() -> None:
+    """A unit whose batch norm was converted (``SyncBatchNorm``, not a BatchNorm1d/2d subclass) runs its
+    layers as modules, never as a wrong fast step (found in review: it had become a ReLU)."""
+    agg = create("hamil", 3, init="default", depth=2).double().eval()
+    ref = copy.deepcopy(agg)
+    agg.unit = torch.nn.SyncBatchNorm.convert_sync_batchnorm(agg.unit)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in agg.unit.modules())
+    feats, sizes = _bag_features(BATCHES["mixed"], seed=7)
+    torch.testing.assert_close(
+        agg(feats, sizes).bags, reference_forward(ref, feats, sizes), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ["hamil", "hamil_a", "ramil"])
+def test_no_bags_and_non_contiguous_vectors(name: str) -> None:
+    agg = create(name, 3, dims=1) if name != "hamil_a" else create(name, 3)
+    empty = agg(torch.zeros(0, 8), torch.zeros(0, dtype=torch.int64)).bags
+    assert empty.shape == (0, 8)
+    feats = torch.randn(8, 6).t()  # (6, 8) non-contiguous instance vectors
+    sizes = torch.tensor([2, 2, 2])
+    torch.testing.assert_close(agg.eval()(feats, sizes).bags, agg(feats.contiguous(), sizes).bags)

@@ -62,6 +62,8 @@ class TreeAggregator(Aggregator):
         return trees, sizes
 
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
+        if len(bag_sizes) == 0:
+            return AggregatorOutput(features[:0] + _zero_touch(self.unit), None)  # (0, C, h, w): no bags
         trees, sizes = self.batch_trees(features, bag_sizes)
         plan = plan_trees(trees, sizes)
         order, gather = plan.device_indices(features.device)
@@ -76,7 +78,7 @@ class TreeAggregator(Aggregator):
                 inbox[consumer].append(piece)
 
         def collect(level: int) -> torch.Tensor:  # a level's inputs in merge (or bag) order
-            pieces = inbox[level]
+            pieces, inbox[level] = inbox[level], []  # nothing kept past its use (inference memory)
             x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             return x if gather[level] is None else x.index_select(0, gather[level])
 
@@ -156,6 +158,8 @@ class HamilA(Hamil):
     def forward(self, features: torch.Tensor, bag_sizes: torch.Tensor) -> AggregatorOutput:
         """The root of a tree of pairwise means is the mean of the leaves weighted by ``2 ** -depth``:
         one segment operation instead of one unit call per level (same result up to rounding)."""
+        if len(bag_sizes) == 0:
+            return AggregatorOutput(features[:0], None)  # (0, C, h, w): no bags
         trees, sizes = self.batch_trees(features, bag_sizes)
         depth = np.concatenate([leaf_depths(t, n) for t, n in zip(trees, sizes.tolist(), strict=True)])
         weights = torch.from_numpy(np.ldexp(1.0, -depth))  # (N,) 2 ** -depth

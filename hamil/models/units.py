@@ -90,7 +90,7 @@ class PairMerger:
     def __init__(self, unit: AggregationUnit) -> None:
         self.dims = unit.dims
         self.calls = 0
-        self._norms = [m for m in unit.layers if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+        self._norms = [m for m in unit.layers if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d)]
         self._steps = [self._step(layer) for layer in unit.layers]
 
     def __call__(self, children: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class PairMerger:
             _, c, h, w = children.shape
             x = children.view(m, 2, c, h, w).transpose(1, 2).reshape(m * c, 2, h, w)  # (M*C, 2, H, W)
         else:
-            x = children.view(m, -1)  # (M, 2*C): the pairs (M, 2, C) of (2M, 1, C) nodes, flattened
+            x = children.reshape(m, -1)  # (M, 2*C): the pairs (M, 2, C) of (2M, 1, C) nodes, flattened
         for step in self._steps:
             x = step(x)
         shape = (m, *children.shape[1:])
@@ -127,9 +127,11 @@ class PairMerger:
         if isinstance(layer, nn.Conv2d):
             weight, bias = layer.weight, layer.bias
             return lambda x: layer._conv_forward(x, weight, bias)
-        if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
+        if type(layer) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return _batch_norm(layer)
-        return torch.relu
+        if type(layer) is nn.ReLU:
+            return torch.relu
+        return layer  # anything else (e.g. SyncBatchNorm after a conversion) as the module itself
 
 
 def _conv1d_as_matmul(conv: nn.Conv1d) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -143,7 +145,8 @@ def _conv1d_as_matmul(conv: nn.Conv1d) -> Callable[[torch.Tensor], torch.Tensor]
     def step(x: torch.Tensor) -> torch.Tensor:  # (M, C_in, L) or flattened (M, C_in*L) -> (M, C_out, L)
         m, length = x.shape[0], x[0].numel() // c_in
         if length not in cache:
-            index = torch.from_numpy(_toeplitz_index(c_out, c_in, k, length)).to(weight.device)
+            index = torch.from_numpy(_toeplitz_index(c_out, c_in, k, length))  # cached: may copy async
+            index = index.to(weight.device, non_blocking=True)
             flat = torch.cat([weight.flatten(), weight.new_zeros(1)])  # the last entry is the zero
             long_bias = None if bias is None else bias.repeat_interleave(length)  # (C_out*L,)
             cache[length] = flat[index], long_bias  # (C_in*L, C_out*L)
