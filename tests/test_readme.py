@@ -33,9 +33,9 @@ def _commands(program: str) -> list[str]:
 
 def _lines(text: str, program: str) -> list[str]:
     joined = re.sub(r"\\\n\s*", " ", text)
-    return [
-        line.split("  #")[0].strip() for line in joined.splitlines() if line.strip().startswith(program + " ")
-    ]
+    lines = [line.split("  #")[0].strip() for line in joined.splitlines()]
+    steps = [step.strip() for line in lines for step in line.split(" && ")]  # `a && b`: both commands
+    return [step for step in steps if step.startswith(program + " ")]
 
 
 def _skip_reason(command: str) -> str | None:

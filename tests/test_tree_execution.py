@@ -97,7 +97,7 @@ def _compare(name: str, feats: torch.Tensor, sizes: torch.Tensor, train: bool = 
     torch.manual_seed(0)
     new = create(name, feats.shape[1], **options).double().train(train)
     ref = copy.deepcopy(new)
-    weight = torch.randn(len(sizes), *feats.shape[1:], dtype=torch.float64)
+    weight = torch.randn(len(sizes), *feats.shape[1:], dtype=torch.float64)  # (B, ...) a random loss
     x_new, x_ref = feats.clone().requires_grad_(), feats.clone().requires_grad_()
     out_new = new(x_new, sizes).bags
     out_ref = reference_forward(ref, x_ref, sizes)
@@ -126,6 +126,25 @@ BATCHES = {
 def test_hamil_equals_reference(batch: str, train: bool) -> None:
     feats, sizes = _bag_features(BATCHES[batch])
     _compare("hamil", feats, sizes, train=train, init="default")
+
+
+@pytest.mark.parametrize("batch", ["singletons", "pairs", "chain", "ties", "mixed"])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("options", [{}, {"batch_norm": False}, {"depth": 2}, {"kernel_size": 3}])
+def test_vectors_equal_reference(batch: str, train: bool, options: dict) -> None:
+    """Feature vectors with the 1-D unit (mil-bench): the L1Agg runs as one fused autograd node
+    (``hamil.models.fused_tree``), deeper units level by level; both equal the reference."""
+    feats, sizes = _bag_features(BATCHES[batch], c=2, hw=4)
+    _compare("hamil", feats.flatten(1), sizes, train=train, init="default", dims=1, **options)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 14), min_size=1, max_size=6), seed=st.integers(0, 2**31 - 1))
+def test_random_forests_of_vectors_equal_reference(sizes: list[int], seed: int) -> None:
+    kinds = list(SHAPES)
+    rng = np.random.default_rng(seed)
+    feats, bag_sizes = _bag_features([(kinds[rng.integers(len(kinds))], n) for n in sizes], seed=seed)
+    _compare("hamil", feats.flatten(1), bag_sizes, init="default", dims=1, kernel_size=3)
 
 
 @pytest.mark.parametrize("options", [{"depth": 2}, {"tree_features": "pooled"}, {"batch_norm": False}])

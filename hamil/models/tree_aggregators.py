@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from hamil.models import fused_tree as fused
 from hamil.models.ops import pool, weighted_sum
 from hamil.models.registry import Aggregator, AggregatorOutput, register
 from hamil.models.tree_plan import leaf_depths, plan_trees
-from hamil.models.units import AggregationUnit, MeanUnit
+from hamil.models.units import AggregationUnit, MeanUnit, banded_matrix
 from hamil.tree import canonical_children, merge_order, random_merge_order
 from preprocessing.errors import InputError
 
@@ -82,6 +83,11 @@ class TreeAggregator(Aggregator):
             x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             return x if gather[level] is None else x.index_select(0, gather[level])
 
+        if fused.applies(self.unit, features):  # the 1-D L1Agg: all levels as one autograd node
+            matrix, bias = banded_matrix(self.unit.layers[0], features.shape[1])  # (2D, D), (D,) | None
+            self.last_unit_calls = plan.height
+            bags = fused.fused_tree(self.unit, features, matrix, bias, plan, order, gather)  # (B, D)
+            return AggregatorOutput(bags + _zero_touch(self.unit) if plan.height == 0 else bags, None)
         merge = self.unit.merger()
         publish(0, merge.nodes(features))  # leaves (N, C, h, w) or (N, 1, D)
         for level in range(1, plan.height + 1):

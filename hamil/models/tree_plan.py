@@ -18,6 +18,7 @@ so outputs, batch-norm statistics and gradients are those of a plain level-by-le
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,18 @@ class TreePlan:
     order: list[np.ndarray | None]  # per source level: row permutation of its output
     route: list[list[tuple[int, int]]]  # per source level: (consumer level, rows) in order
     gather: list[np.ndarray | None]  # per consumer level: permutation of its concatenated inputs
+
+    @functools.cached_property
+    def feeds(self) -> list[list[tuple[int, int, int]]]:
+        """Per consumer level: its pieces in concatenation order as ``(source level, first row, rows)``,
+        rows counted in the source's output after ``order``."""
+        feeds: list[list[tuple[int, int, int]]] = [[] for _ in range(self.height + 2)]
+        for source, pieces in enumerate(self.route):
+            start = 0
+            for consumer, rows in pieces:
+                feeds[consumer].append((source, start, rows))
+                start += rows
+        return feeds
 
     def device_indices(
         self, device: torch.device

@@ -139,23 +139,30 @@ def _conv1d_as_matmul(conv: nn.Conv1d) -> Callable[[torch.Tensor], torch.Tensor]
     with a banded matrix ``(C_in*L, C_out*L)``, built on the first call for that length (a differentiable
     gather of the kernel) and reused; returns ``(M, C_out, L)``."""
     cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    weight, bias = conv.weight, conv.bias
-    c_out, c_in, k = weight.shape
+    c_out, c_in, _ = conv.weight.shape
 
     def step(x: torch.Tensor) -> torch.Tensor:  # (M, C_in, L) or flattened (M, C_in*L) -> (M, C_out, L)
-        m, length = x.shape[0], x[0].numel() // c_in
+        m, length = x.shape[0], (x.shape[1] // c_in if x.dim() == 2 else x.shape[2])
         if length not in cache:
-            index = torch.from_numpy(_toeplitz_index(c_out, c_in, k, length))  # cached: may copy async
-            index = index.to(weight.device, non_blocking=True)
-            flat = torch.cat([weight.flatten(), weight.new_zeros(1)])  # the last entry is the zero
-            long_bias = None if bias is None else bias.repeat_interleave(length)  # (C_out*L,)
-            cache[length] = flat[index], long_bias  # (C_in*L, C_out*L)
+            cache[length] = banded_matrix(conv, length)
         matrix, long_bias = cache[length]
         flat_x = x if x.dim() == 2 else x.reshape(m, c_in * length)  # (M, C_in*L)
         y = flat_x @ matrix if long_bias is None else torch.addmm(long_bias, flat_x, matrix)
         return y.view(m, c_out, length)
 
     return step
+
+
+def banded_matrix(conv: nn.Conv1d, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv`` (stride 1, 'same' zero padding) on inputs of ``length`` as a matrix ``(C_in*L, C_out*L)``
+    (a differentiable gather of its kernel) and its bias repeated per position ``(C_out*L,)`` or None."""
+    weight, bias = conv.weight, conv.bias
+    c_out, c_in, k = weight.shape
+    index = torch.from_numpy(_toeplitz_index(c_out, c_in, k, length))  # cached: may copy async
+    index = index.to(weight.device, non_blocking=True)
+    flat = torch.cat([weight.flatten(), weight.new_zeros(1)])  # the last entry is the zero
+    long_bias = None if bias is None else bias.repeat_interleave(length)  # (C_out*L,)
+    return flat[index], long_bias  # (C_in*L, C_out*L)
 
 
 @functools.lru_cache(maxsize=32)

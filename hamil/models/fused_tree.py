@@ -1,0 +1,184 @@
+"""A whole batch of trees as one autograd node, for the 1-D L1Agg unit (the classical MIL benchmarks).
+
+With one bag per step (the paper's setting) a bag of ~65 instances has a tree of ~50 levels, each a few
+tiny operations; PyTorch's per-operation and per-autograd-node overhead, not arithmetic, is then the cost.
+Here the forward pass runs every level without recording a graph, and :meth:`FusedTree.backward` walks the
+levels back with direct calls (batch-norm backward, two matrix products, and the routing of gradients to
+the children), so a level costs a handful of kernel calls instead of a handful of graph nodes.
+
+It computes what :class:`hamil.models.units.PairMerger` computes along :class:`TreePlan` (the same
+operations in the same order; outputs and gradients equal to rounding, tested against the level-by-level
+reference) and is used only where it applies: ``dims = 1``, one convolution with or without batch norm, no
+autocast, float32/float64 (:func:`applies`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from hamil.models.tree_plan import TreePlan
+
+
+def applies(unit: nn.Module, features: torch.Tensor) -> bool:
+    """Whether :func:`fused_tree` can run ``unit`` on ``features`` ``(N, C)``."""
+    layers = list(getattr(unit, "layers", ()))
+    kinds = [type(layer) for layer in layers]
+    return (
+        getattr(unit, "dims", 0) == 1
+        and kinds in ([nn.Conv1d], [nn.Conv1d, nn.BatchNorm1d])
+        and layers[0].out_channels == 1
+        and features.dim() == 2
+        and features.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled(features.device.type)
+        and all(getattr(layer, "momentum", 0.1) is not None for layer in layers)  # per-call momentum
+    )
+
+
+def fused_tree(
+    unit: nn.Module,
+    features: torch.Tensor,
+    matrix: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: TreePlan,
+    order: list[torch.Tensor | None],
+    gather: list[torch.Tensor | None],
+) -> torch.Tensor:
+    """Roots ``(B, C)`` of the trees of ``plan`` over leaves ``features`` ``(N, C)``: each merge is
+    ``BN(pairs @ matrix + bias)`` with ``matrix`` ``(2C, C)`` the unit's convolution as a banded matrix."""
+    bn = unit.layers[1] if len(unit.layers) > 1 else None
+    norm = None if bn is None else _Norm.of(bn)
+    weight = shift = None
+    if bn is not None and bn.affine:
+        weight, shift = bn.weight, bn.bias
+    roots = FusedTree.apply(features, matrix, bias, weight, shift, (plan, order, gather, norm))
+    if norm is not None and norm.counts:
+        bn.num_batches_tracked.add_(plan.height)
+    return roots
+
+
+class _Norm(NamedTuple):
+    """What ``_BatchNorm.forward`` reads, looked up once per batch (``momentum`` is not None here)."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    training: bool  # batch statistics
+    momentum: float
+    eps: float
+    counts: bool  # num_batches_tracked counts the calls
+
+    @classmethod
+    def of(cls, bn: nn.BatchNorm1d) -> _Norm:
+        use_running = not bn.training or bn.track_running_stats
+        return cls(
+            bn.running_mean if use_running else None,
+            bn.running_var if use_running else None,
+            bn.training or bn.running_mean is None,
+            bn.momentum,
+            bn.eps,
+            bn.training and bn.track_running_stats,
+        )
+
+
+class FusedTree(torch.autograd.Function):
+    """Forward and backward of all levels of a batch of trees (see the module docstring). Nodes are
+    ``(rows, 1, C)``: one channel, as the batch norm sees them."""
+
+    @staticmethod
+    def forward(ctx: Any, features, matrix, bias, weight, shift, routing):  # noqa: ANN001, ANN205
+        plan, order, gather, norm = routing
+        inbox: list[list[torch.Tensor]] = [[] for _ in range(plan.height + 2)]
+        saved: list[tuple[torch.Tensor, ...]] = [()]
+        width = 2 * features.shape[1]
+        _publish(inbox, plan, order, 0, features.unsqueeze(1))  # (N, 1, C)
+        for level in range(1, plan.height + 1):
+            pairs = _collect(inbox, gather, level).reshape(-1, width)  # (M, 2C)
+            y = (pairs @ matrix if bias is None else torch.addmm(bias, pairs, matrix)).unsqueeze(1)
+            out, mean, invstd = y, None, None  # (M, 1, C)
+            if norm is not None:
+                out, mean, invstd = torch.native_batch_norm(
+                    y,
+                    weight,
+                    shift,
+                    norm.running_mean,
+                    norm.running_var,
+                    norm.training,
+                    norm.momentum,
+                    norm.eps,
+                )
+            saved.append((pairs, y, mean, invstd))
+            _publish(inbox, plan, order, level, out)
+        ctx.routing, ctx.saved_levels, ctx.has_bias = routing, saved, bias is not None
+        ctx.save_for_backward(matrix, weight)
+        ctx.n = features.shape[0]
+        return _collect(inbox, gather, plan.height + 1).squeeze(1)  # (B, C)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_roots):  # noqa: ANN001, ANN205
+        plan, order, gather, norm = ctx.routing
+        matrix, weight = ctx.saved_tensors
+        channels, across = matrix.shape[1], matrix.t()  # (C, 2C)
+        rows = [ctx.n, *plan.merges_per_level[1 : plan.height + 1].tolist()]
+        sources = [grad_roots.new_empty((n, 1, channels)) for n in rows]  # per level, in routing order
+        feeds = plan.feeds
+        _route_back(sources, feeds[plan.height + 1], gather[plan.height + 1], grad_roots.unsqueeze(1))
+        pairs_all, g_all, g_norm = [], [], []
+        mask = [True, weight is not None, weight is not None]
+        for level in range(plan.height, 0, -1):
+            pairs, y, mean, invstd = ctx.saved_levels[level]
+            g_y = _unpermute(sources[level], order[level])  # (M, 1, C)
+            if norm is not None:
+                g_y, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                    g_y, y, weight, norm.running_mean, norm.running_var, mean, invstd, norm.training,
+                    norm.eps, mask,
+                )  # fmt: skip
+                g_norm.append((gw, gb))
+            g_y = g_y.view(-1, channels)  # (M, C)
+            pairs_all.append(pairs)
+            g_all.append(g_y)
+            _route_back(sources, feeds[level], gather[level], (g_y @ across).view(-1, 1, channels))
+        ctx.saved_levels = None
+        g_features = _unpermute(sources[0], order[0]).squeeze(1)  # (N, C)
+        g_y_all = torch.cat(g_all) if g_all else matrix.new_zeros((0, channels))  # (merges, C)
+        g_matrix = torch.cat(pairs_all).t() @ g_y_all if g_all else torch.zeros_like(matrix)  # (2C, C)
+        g_bias = g_y_all.sum(0) if ctx.has_bias else None
+        g_weight = g_shift = None
+        if weight is not None:
+            g_weight = torch.stack([gw for gw, _ in g_norm]).sum(0) if g_norm else torch.zeros_like(weight)
+            g_shift = torch.stack([gb for _, gb in g_norm]).sum(0) if g_norm else torch.zeros_like(weight)
+        return g_features, g_matrix, g_bias, g_weight, g_shift, None
+
+
+def _publish(inbox, plan: TreePlan, order, level: int, out: torch.Tensor) -> None:  # noqa: ANN001
+    out = out if order[level] is None else out.index_select(0, order[level])
+    route = plan.route[level]
+    pieces = (out,) if len(route) == 1 else torch.split(out, [rows for _, rows in route])
+    for (consumer, _), piece in zip(route, pieces, strict=True):
+        inbox[consumer].append(piece)
+
+
+def _collect(inbox, gather, level: int) -> torch.Tensor:  # noqa: ANN001
+    pieces, inbox[level] = inbox[level], []
+    x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return x if gather[level] is None else x.index_select(0, gather[level])
+
+
+def _route_back(sources, feeds, gather, grad: torch.Tensor) -> None:  # noqa: ANN001
+    """The gradient of a level's inputs ``(2M, 1, C)`` (or of the roots) into its sources' buffers."""
+    if gather is not None:
+        grad = grad.new_empty(grad.shape).index_copy_(0, gather, grad)
+    if len(feeds) == 1 and feeds[0][2] == len(sources[feeds[0][0]]):  # the whole of one source
+        sources[feeds[0][0]] = grad
+        return
+    start = 0
+    for source, offset, rows in feeds:
+        sources[source][offset : offset + rows] = grad[start : start + rows]
+        start += rows
+
+
+def _unpermute(grad: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    return grad if order is None else grad.new_empty(grad.shape).index_copy_(0, order, grad)
