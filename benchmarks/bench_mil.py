@@ -6,7 +6,7 @@ rest) on random bags shaped like the classical sets: 100 bags of about 65 instan
 compare their cost per epoch (the issue-16 target: a HAMIL fold at most 3x attention's); then the time of a
 full 10-fold CV x 5 with each model's own recipe (its epochs) is extrapolated for ``--jobs`` processes.
 
-    python benchmarks/bench_mil.py [--epochs 20] [--instances 65] [--threads 1] [--jobs 2]
+    python benchmarks/bench_mil.py [--epochs 20] [--instances 65] [--threads 1] [--jobs 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (mil-bench's default: 1)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel folds for the full-run estimate")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed folds per model (median)")
     return parser.parse_args()
 
 
@@ -65,17 +66,21 @@ def main() -> None:
     print(
         f"one CV fold: {len(train)} training bags, {len(test)} test bags, {bags.bag_sizes.mean():.1f}"
         f" instances per bag x {args.features} features, {args.epochs} epochs for every model, one bag per"
-        f" step, {args.threads} torch thread(s), CPU"
+        f" step, {args.threads} torch thread(s), CPU; median of {args.repeats} folds"
     )
-    seconds = {}
-    for model in args.models:
-        scaler = fit_scaler(bags, train)
-        train_t, test_t = fold_tensors(bags, train, scaler), fold_tensors(bags, test, scaler)
-        torch.manual_seed(0)
-        net = MILNet(args.features, model, dropout=plan[model]["dropout"], **options[model])
-        start = time.perf_counter()
-        train_and_test(net, train_t, test_t, args.epochs, 1e-4, rng=np.random.default_rng(0))
-        seconds[model] = time.perf_counter() - start
+    scaler = fit_scaler(bags, train)
+    train_t, test_t = fold_tensors(bags, train, scaler), fold_tensors(bags, test, scaler)
+    times: dict[str, list[float]] = {model: [] for model in args.models}
+    for run in range(args.repeats + 1):  # run 0: one epoch of every model, so one-off start-up costs stay out
+        for model in args.models:  # interleaved, so that drifts in machine load hit every model alike
+            torch.manual_seed(0)
+            net = MILNet(args.features, model, dropout=plan[model]["dropout"], **options[model])
+            start = time.perf_counter()
+            epochs = args.epochs if run else 1
+            train_and_test(net, train_t, test_t, epochs, 1e-4, rng=np.random.default_rng(0))
+            if run:
+                times[model].append(time.perf_counter() - start)
+    seconds = {model: float(np.median(t)) for model, t in times.items()}
     full = {m: seconds[m] / args.epochs * plan[m]["epochs"] * 50 / args.jobs for m in args.models}
     print(f"  {'model':<16} {'s/fold':>8} {'/ attention':>12}   full 5x10 CV, own recipe, {args.jobs} jobs")
     for model in args.models:

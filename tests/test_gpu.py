@@ -124,11 +124,14 @@ def test_tree_models_synchronise_once_per_batch(name):
     assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
-def test_tree_execution_on_the_gpu_equals_the_cpu():
-    """The linear-cost tree execution on CUDA (float64) gives the CPU's outputs and gradients."""
+@pytest.mark.parametrize("dims", [2, 1])
+def test_tree_execution_on_the_gpu_equals_the_cpu(dims):
+    """The linear-cost tree execution on CUDA (float64) gives the CPU's outputs and gradients: feature maps
+    level by level, feature vectors through the fused autograd node (``hamil.models.fused_tree``)."""
     torch.manual_seed(0)
-    agg = create("hamil", 4, init="default").double()
+    agg = create("hamil", 4, init="default", dims=dims).double()
     feats = torch.randn(40, 4, 3, 3, dtype=torch.float64)
+    feats = feats if dims == 2 else feats.flatten(1)  # (N, 4, 3, 3) maps or (N, 36) vectors
     sizes = torch.tensor([1, 12, 2, 25])
     outs, grads = [], []
     for device in ("cpu", "cuda"):

@@ -93,22 +93,17 @@ class FusedTree(torch.autograd.Function):
         inbox: list[list[torch.Tensor]] = [[] for _ in range(plan.height + 2)]
         saved: list[tuple[torch.Tensor, ...]] = [()]
         width = 2 * features.shape[1]
+        if norm is not None:
+            stats = (norm.running_mean, norm.running_var, norm.training, norm.momentum, norm.eps)
         _publish(inbox, plan, order, 0, features.unsqueeze(1))  # (N, 1, C)
         for level in range(1, plan.height + 1):
-            pairs = _collect(inbox, gather, level).reshape(-1, width)  # (M, 2C)
-            y = (pairs @ matrix if bias is None else torch.addmm(bias, pairs, matrix)).unsqueeze(1)
+            pairs = _collect(inbox, gather, level).reshape(-1, 1, width)  # (M, 1, 2C)
+            y = torch.matmul(pairs, matrix)  # (M, 1, C)
+            if bias is not None:
+                y = y + bias
             out, mean, invstd = y, None, None  # (M, 1, C)
             if norm is not None:
-                out, mean, invstd = torch.native_batch_norm(
-                    y,
-                    weight,
-                    shift,
-                    norm.running_mean,
-                    norm.running_var,
-                    norm.training,
-                    norm.momentum,
-                    norm.eps,
-                )
+                out, mean, invstd = torch.native_batch_norm(y, weight, shift, *stats)
             saved.append((pairs, y, mean, invstd))
             _publish(inbox, plan, order, level, out)
         ctx.routing, ctx.saved_levels, ctx.has_bias = routing, saved, bias is not None
@@ -122,29 +117,30 @@ class FusedTree(torch.autograd.Function):
         plan, order, gather, norm = ctx.routing
         matrix, weight = ctx.saved_tensors
         channels, across = matrix.shape[1], matrix.t()  # (C, 2C)
-        rows = [ctx.n, *plan.merges_per_level[1 : plan.height + 1].tolist()]
-        sources = [grad_roots.new_empty((n, 1, channels)) for n in rows]  # per level, in routing order
-        feeds = plan.feeds
-        _route_back(sources, feeds[plan.height + 1], gather[plan.height + 1], grad_roots.unsqueeze(1))
+        outbox: list[list[torch.Tensor]] = [[] for _ in range(plan.height + 1)]  # per source: grad pieces
+        _route_back(outbox, plan.feeds[plan.height + 1], gather[plan.height + 1], grad_roots.unsqueeze(1))
         pairs_all, g_all, g_norm = [], [], []
         mask = [True, weight is not None, weight is not None]
         for level in range(plan.height, 0, -1):
             pairs, y, mean, invstd = ctx.saved_levels[level]
-            g_y = _unpermute(sources[level], order[level])  # (M, 1, C)
+            g_y = _gathered(outbox, order, level)  # (M, 1, C)
             if norm is not None:
                 g_y, gw, gb = torch.ops.aten.native_batch_norm_backward(
                     g_y, y, weight, norm.running_mean, norm.running_var, mean, invstd, norm.training,
                     norm.eps, mask,
                 )  # fmt: skip
                 g_norm.append((gw, gb))
-            g_y = g_y.view(-1, channels)  # (M, C)
             pairs_all.append(pairs)
             g_all.append(g_y)
-            _route_back(sources, feeds[level], gather[level], (g_y @ across).view(-1, 1, channels))
+            g_pairs = torch.matmul(g_y, across).view(-1, 1, channels)  # (2M, 1, C)
+            _route_back(outbox, plan.feeds[level], gather[level], g_pairs)
         ctx.saved_levels = None
-        g_features = _unpermute(sources[0], order[0]).squeeze(1)  # (N, C)
-        g_y_all = torch.cat(g_all) if g_all else matrix.new_zeros((0, channels))  # (merges, C)
-        g_matrix = torch.cat(pairs_all).t() @ g_y_all if g_all else torch.zeros_like(matrix)  # (2C, C)
+        g_features = _gathered(outbox, order, 0).squeeze(1)  # (N, C)
+        if not g_all:
+            g_y_all, g_matrix = matrix.new_zeros((0, channels)), torch.zeros_like(matrix)
+        else:
+            g_y_all = torch.cat(g_all).view(-1, channels)  # (merges, C)
+            g_matrix = torch.cat(pairs_all).view(len(g_y_all), -1).t() @ g_y_all  # (2C, C)
         g_bias = g_y_all.sum(0) if ctx.has_bias else None
         g_weight = g_shift = None
         if weight is not None:
@@ -167,18 +163,18 @@ def _collect(inbox, gather, level: int) -> torch.Tensor:  # noqa: ANN001
     return x if gather[level] is None else x.index_select(0, gather[level])
 
 
-def _route_back(sources, feeds, gather, grad: torch.Tensor) -> None:  # noqa: ANN001
-    """The gradient of a level's inputs ``(2M, 1, C)`` (or of the roots) into its sources' buffers."""
+def _route_back(outbox, feeds, gather, grad: torch.Tensor) -> None:  # noqa: ANN001
+    """The gradient of a level's inputs ``(2M, 1, C)`` (or of the roots) cut into its sources' pieces."""
     if gather is not None:
         grad = grad.new_empty(grad.shape).index_copy_(0, gather, grad)
-    if len(feeds) == 1 and feeds[0][2] == len(sources[feeds[0][0]]):  # the whole of one source
-        sources[feeds[0][0]] = grad
-        return
-    start = 0
-    for source, offset, rows in feeds:
-        sources[source][offset : offset + rows] = grad[start : start + rows]
-        start += rows
+    pieces = (grad,) if len(feeds) == 1 else torch.split(grad, [rows for _, _, rows in feeds])
+    for (source, _, _), piece in zip(feeds, pieces, strict=True):
+        outbox[source].append(piece)
 
 
-def _unpermute(grad: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    return grad if order is None else grad.new_empty(grad.shape).index_copy_(0, order, grad)
+def _gathered(outbox, order, level: int) -> torch.Tensor:  # noqa: ANN001
+    """A level's output gradient: its pieces (they arrive from the last consumer first) in routing order,
+    then undone the routing permutation."""
+    pieces, outbox[level] = outbox[level], []
+    grad = pieces[0] if len(pieces) == 1 else torch.cat(pieces[::-1])
+    return grad if order[level] is None else grad.new_empty(grad.shape).index_copy_(0, order[level], grad)
