@@ -119,7 +119,9 @@ def _instance(cls: type, args: argparse.Namespace) -> Any:
         if hasattr(args, f.name):
             value = getattr(args, f.name)
             origin = typing.get_origin(hints[f.name])
-            if isinstance(value, list) and origin is not list:
+            if isinstance(value, list) and value and all(v is None for v in value):
+                value = None  # `--whole-size none`: the option's None, not a list holding None
+            elif isinstance(value, list) and origin is not list:
                 value = tuple(value)
             elif isinstance(value, str) and origin is dict:
                 value = json_object(value, "--" + f.name.replace("_", "-"))

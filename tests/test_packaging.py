@@ -161,3 +161,20 @@ def test_every_option_of_every_stage_has_help_and_shows_its_default():
         [sys.executable, "-m", "hamil.cli", "train", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "Adam learning rate (the paper: 1e-4) (default: 0.0001)" in " ".join(text.split())
+
+
+def test_none_for_optional_tuples_and_empty_or_missing_lists():
+    """``--whole-size none`` is the default None (not ``(None,)``); ``--cytoplasm-channels`` may be given
+    empty (nuclei only); ``--classes`` needs a value (empty would silently fall back to top_k)."""
+    from hamil.cli import _instance
+    from preprocessing.crop import CropParams
+
+    crop = ["crop", "--images", "x", "--out-zarr", "z", "--out-tsv", "t"]
+    args = build_parser().parse_args([*crop, "--whole-size", "none", "--cytoplasm-channels"])
+    params = _instance(CropParams, args)
+    assert params.whole_size is None and params.cytoplasm_channels == ()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bags", "--tables", "a", "--stores", "b", "--out-store", "c",
+                                   "--out-table", "d", "--classes"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["crop-preview", "--out", "p.png"])  # no field
