@@ -136,6 +136,18 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>Error</title></head><body>Not found</body></html>"
 
 
+def zipped(members: dict[str, bytes]) -> bytes:
+    """A ZIP archive (bytes) holding ``members`` (name -> content), to serve or to read as a download."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
 def jpeg(value: int = 120, size: int = 4) -> bytes:
     """A tiny uniform JPEG (``size`` x ``size``, grey level ``value``) to serve as an image."""
     import io

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import re
-import zipfile
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from localhttp import Handler, Script, jpeg, send_ranged
+from localhttp import Handler, Script, jpeg, send_ranged, zipped
 from PIL import Image
 
 from hamil.cli import main
@@ -159,14 +157,6 @@ def test_both_published_patch_spellings_read_others_reported(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------ Azure, end to end
-
-
-def zipped(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def listing(blobs: dict[str, bytes]) -> bytes:

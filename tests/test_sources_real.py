@@ -9,12 +9,11 @@ import base64
 import gzip
 import hashlib
 import io
-import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from localhttp import Script, jpeg  # noqa: E402
+from localhttp import Script, jpeg, zipped  # noqa: E402
 from PIL import Image
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy
@@ -250,14 +249,6 @@ NEW_TSV = (
     "ENSG00000001036\tFUCA2\tEnhanced\tNucleoplasm\tCytosol;Vesicles\tPredicted to be secreted\t"
     "Nucleoplasm\t\tCytosol\tVesicles\n"
 )
-
-
-def zipped(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def gene_xml(gene: str, image_host: str = "https://images.proteinatlas.org") -> bytes:

@@ -14,13 +14,14 @@ autocast, float32/float64 (:func:`applies`).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from hamil.models.tree_plan import TreePlan
+from hamil.models.tree_plan import Routing, TreePlan
+from hamil.models.units import BatchNormState
 
 
 def applies(unit: nn.Module, features: torch.Tensor) -> bool:
@@ -50,37 +51,12 @@ def fused_tree(
     """Roots ``(B, C)`` of the trees of ``plan`` over leaves ``features`` ``(N, C)``: each merge is
     ``BN(pairs @ matrix + bias)`` with ``matrix`` ``(2C, C)`` the unit's convolution as a banded matrix."""
     bn = unit.layers[1] if len(unit.layers) > 1 else None
-    norm = None if bn is None else _Norm.of(bn)
-    weight = shift = None
-    if bn is not None and bn.affine:
-        weight, shift = bn.weight, bn.bias
+    norm = None if bn is None else BatchNormState.of(bn)
+    weight, shift = (None, None) if norm is None else (norm.weight, norm.bias)
     roots = FusedTree.apply(features, matrix, bias, weight, shift, (plan, order, gather, norm))
     if norm is not None and norm.counts:
         bn.num_batches_tracked.add_(plan.height)
     return roots
-
-
-class _Norm(NamedTuple):
-    """What ``_BatchNorm.forward`` reads, looked up once per batch (``momentum`` is not None here)."""
-
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    training: bool  # batch statistics
-    momentum: float
-    eps: float
-    counts: bool  # num_batches_tracked counts the calls
-
-    @classmethod
-    def of(cls, bn: nn.BatchNorm1d) -> _Norm:
-        use_running = not bn.training or bn.track_running_stats
-        return cls(
-            bn.running_mean if use_running else None,
-            bn.running_var if use_running else None,
-            bn.training or bn.running_mean is None,
-            bn.momentum,
-            bn.eps,
-            bn.training and bn.track_running_stats,
-        )
 
 
 class FusedTree(torch.autograd.Function):
@@ -90,14 +66,14 @@ class FusedTree(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, features, matrix, bias, weight, shift, routing):  # noqa: ANN001, ANN205
         plan, order, gather, norm = routing
-        inbox: list[list[torch.Tensor]] = [[] for _ in range(plan.height + 2)]
+        rows = Routing(plan, order, gather)
         saved: list[tuple[torch.Tensor, ...]] = [()]
         width = 2 * features.shape[1]
         if norm is not None:
-            stats = (norm.running_mean, norm.running_var, norm.training, norm.momentum, norm.eps)
-        _publish(inbox, plan, order, 0, features.unsqueeze(1))  # (N, 1, C)
+            stats = (norm.running_mean, norm.running_var, norm.batch_stats, norm.momentum, norm.eps)
+        rows.publish(0, features.unsqueeze(1))  # (N, 1, C)
         for level in range(1, plan.height + 1):
-            pairs = _collect(inbox, gather, level).reshape(-1, 1, width)  # (M, 1, 2C)
+            pairs = rows.collect(level).reshape(-1, 1, width)  # (M, 1, 2C)
             y = torch.matmul(pairs, matrix)  # (M, 1, C)
             if bias is not None:
                 y = y + bias
@@ -105,11 +81,11 @@ class FusedTree(torch.autograd.Function):
             if norm is not None:
                 out, mean, invstd = torch.native_batch_norm(y, weight, shift, *stats)
             saved.append((pairs, y, mean, invstd))
-            _publish(inbox, plan, order, level, out)
+            rows.publish(level, out)
         ctx.routing, ctx.saved_levels, ctx.has_bias = routing, saved, bias is not None
         ctx.save_for_backward(matrix, weight)
         ctx.n = features.shape[0]
-        return _collect(inbox, gather, plan.height + 1).squeeze(1)  # (B, C)
+        return rows.collect(plan.height + 1).squeeze(1)  # (B, C)
 
     @staticmethod
     @once_differentiable
@@ -126,7 +102,7 @@ class FusedTree(torch.autograd.Function):
             g_y = _gathered(outbox, order, level)  # (M, 1, C)
             if norm is not None:
                 g_y, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                    g_y, y, weight, norm.running_mean, norm.running_var, mean, invstd, norm.training,
+                    g_y, y, weight, norm.running_mean, norm.running_var, mean, invstd, norm.batch_stats,
                     norm.eps, mask,
                 )  # fmt: skip
                 g_norm.append((gw, gb))
@@ -147,20 +123,6 @@ class FusedTree(torch.autograd.Function):
             g_weight = torch.stack([gw for gw, _ in g_norm]).sum(0) if g_norm else torch.zeros_like(weight)
             g_shift = torch.stack([gb for _, gb in g_norm]).sum(0) if g_norm else torch.zeros_like(weight)
         return g_features, g_matrix, g_bias, g_weight, g_shift, None
-
-
-def _publish(inbox, plan: TreePlan, order, level: int, out: torch.Tensor) -> None:  # noqa: ANN001
-    out = out if order[level] is None else out.index_select(0, order[level])
-    route = plan.route[level]
-    pieces = (out,) if len(route) == 1 else torch.split(out, [rows for _, rows in route])
-    for (consumer, _), piece in zip(route, pieces, strict=True):
-        inbox[consumer].append(piece)
-
-
-def _collect(inbox, gather, level: int) -> torch.Tensor:  # noqa: ANN001
-    pieces, inbox[level] = inbox[level], []
-    x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return x if gather[level] is None else x.index_select(0, gather[level])
 
 
 def _route_back(outbox, feeds, gather, grad: torch.Tensor) -> None:  # noqa: ANN001

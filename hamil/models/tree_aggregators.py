@@ -11,7 +11,7 @@ from torch import nn
 from hamil.models import fused_tree as fused
 from hamil.models.ops import pool, weighted_sum
 from hamil.models.registry import Aggregator, AggregatorOutput, register
-from hamil.models.tree_plan import leaf_depths, plan_trees
+from hamil.models.tree_plan import Routing, leaf_depths, plan_trees
 from hamil.models.units import AggregationUnit, MeanUnit, banded_matrix
 from hamil.tree import canonical_children, merge_order, random_merge_order
 from preprocessing.errors import InputError
@@ -46,8 +46,8 @@ class TreeAggregator(Aggregator):
 
     def bag_tree(self, features: torch.Tensor) -> np.ndarray:
         """Merge triplets for one bag's features ``(n, C, h, w)`` (no gradients)."""
-        points = self.tree_points(features).cpu().numpy() if self.needs_points else None
-        return self.tree(points, features.shape[0])
+        trees, _ = self.batch_trees(features, torch.tensor([features.shape[0]], device=features.device))
+        return trees[0]
 
     def batch_trees(
         self, features: torch.Tensor, bag_sizes: torch.Tensor
@@ -68,37 +68,25 @@ class TreeAggregator(Aggregator):
         trees, sizes = self.batch_trees(features, bag_sizes)
         plan = plan_trees(trees, sizes)
         order, gather = plan.device_indices(features.device)
-        inbox: list[list[torch.Tensor]] = [[] for _ in range(plan.height + 2)]  # per consumer level: pieces
-        sizes_of = [[rows for _, rows in route] for route in plan.route]
-
-        def publish(level: int, out: torch.Tensor) -> None:  # route one level's rows to their consumers
-            out = out if order[level] is None else out.index_select(0, order[level])
-            route = plan.route[level]
-            pieces = (out,) if len(route) == 1 else torch.split(out, sizes_of[level])
-            for (consumer, _), piece in zip(route, pieces, strict=True):
-                inbox[consumer].append(piece)
-
-        def collect(level: int) -> torch.Tensor:  # a level's inputs in merge (or bag) order
-            pieces, inbox[level] = inbox[level], []  # nothing kept past its use (inference memory)
-            x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            return x if gather[level] is None else x.index_select(0, gather[level])
-
         if fused.applies(self.unit, features):  # the 1-D L1Agg: all levels as one autograd node
             matrix, bias = banded_matrix(self.unit.layers[0], features.shape[1])  # (2D, D), (D,) | None
-            self.last_unit_calls = plan.height
             bags = fused.fused_tree(self.unit, features, matrix, bias, plan, order, gather)  # (B, D)
-            return AggregatorOutput(bags + _zero_touch(self.unit) if plan.height == 0 else bags, None)
-        merge = self.unit.merger()
-        publish(0, merge.nodes(features))  # leaves (N, C, h, w) or (N, 1, D)
-        for level in range(1, plan.height + 1):
-            children = collect(level)  # (2M, C, h, w): left and right child of each merge, interleaved
-            publish(level, merge(children))  # (M, C, h, w)
-        merge.close()
+        else:
+            bags = self._run_levels(features, Routing(plan, order, gather))  # (B, C, h, w) or (B, D)
         self.last_unit_calls = plan.height
-        bags = merge.features(collect(plan.height + 1))  # (B, C, h, w) or (B, D): roots in bag order
         if plan.height == 0:  # keep DDP's gradient hooks firing for all-singleton batches
             bags = bags + _zero_touch(self.unit)
         return AggregatorOutput(bags, None)
+
+    def _run_levels(self, features: torch.Tensor, rows: Routing) -> torch.Tensor:
+        """The unit level by level, all bags of the batch in each call: the roots in bag order."""
+        merge = self.unit.merger()
+        rows.publish(0, merge.nodes(features))  # leaves (N, C, h, w) or (N, 1, D)
+        for level in range(1, rows.plan.height + 1):
+            children = rows.collect(level)  # (2M, C, h, w): left and right child of each merge, interleaved
+            rows.publish(level, merge(children))  # (M, C, h, w)
+        merge.close()
+        return merge.features(rows.collect(rows.plan.height + 1))
 
 
 def _to_host(bag_sizes: torch.Tensor, points: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -70,6 +70,33 @@ class TreePlan:
         return order, gather
 
 
+class Routing:
+    """The rows in flight while a plan runs forward: each level's output is cut into pieces for the levels
+    that consume it (:meth:`publish`), and a level's inputs are its pieces put together (:meth:`collect`).
+    ``order`` and ``gather`` are the plan's index tensors on the device (:meth:`TreePlan.device_indices`)."""
+
+    def __init__(
+        self, plan: TreePlan, order: list[torch.Tensor | None], gather: list[torch.Tensor | None]
+    ) -> None:
+        self.plan, self.order, self.gather = plan, order, gather
+        self._inbox: list[list[torch.Tensor]] = [[] for _ in range(plan.height + 2)]  # per consumer level
+
+    def publish(self, level: int, out: torch.Tensor) -> None:
+        """Route the output rows of ``level`` to their consumers."""
+        out = out if self.order[level] is None else out.index_select(0, self.order[level])
+        route = self.plan.route[level]
+        pieces = (out,) if len(route) == 1 else torch.split(out, [rows for _, rows in route])
+        for (consumer, _), piece in zip(route, pieces, strict=True):
+            self._inbox[consumer].append(piece)
+
+    def collect(self, level: int) -> torch.Tensor:
+        """The inputs of ``level`` in merge order, pairs interleaved (the roots in bag order for
+        ``height + 1``); its pieces are let go (nothing is kept past its use)."""
+        pieces, self._inbox[level] = self._inbox[level], []
+        x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return x if self.gather[level] is None else x.index_select(0, self.gather[level])
+
+
 def plan_trees(trees: list[np.ndarray], sizes: np.ndarray) -> TreePlan:
     """The execution plan of ``trees`` (one ``(n_b - 1, 3)`` triplet array per bag, ``c = n_b + k`` for row
     ``k``, as :func:`hamil.tree.merge_order` returns) for bags of ``sizes`` (B,) packed in that order."""

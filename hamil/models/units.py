@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -117,7 +118,8 @@ class PairMerger:
     def close(self) -> None:
         """Count this batch's calls in the batch-norm layers' ``num_batches_tracked``."""
         for bn in self._norms:
-            if bn.training and bn.track_running_stats and bn.momentum is not None:
+            state = BatchNormState.of(bn)
+            if state.counts and state.momentum is not None:  # else counted per call
                 bn.num_batches_tracked.add_(self.calls)
         self.calls = 0
 
@@ -176,22 +178,47 @@ def _toeplitz_index(c_out: int, c_in: int, k: int, length: int) -> np.ndarray:
     return index.reshape(c_in * length, c_out * length)
 
 
+class BatchNormState(NamedTuple):
+    """What ``_BatchNorm.forward`` reads from a batch-norm layer, looked up once per batch of trees."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    batch_stats: bool  # normalise with the batch's statistics (training, or no running statistics)
+    momentum: float | None
+    eps: float
+    counts: bool  # num_batches_tracked counts the calls (training with running statistics)
+
+    @classmethod
+    def of(cls, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> BatchNormState:
+        use_running = not bn.training or bn.track_running_stats
+        return cls(
+            bn.weight,
+            bn.bias,
+            bn.running_mean if use_running else None,
+            bn.running_var if use_running else None,
+            bn.training or (bn.running_mean is None and bn.running_var is None),
+            bn.momentum,
+            bn.eps,
+            bn.training and bn.track_running_stats,
+        )
+
+
 def _batch_norm(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> Callable[[torch.Tensor], torch.Tensor]:
     """``bn`` as a plain function (what ``_BatchNorm.forward`` computes; ``num_batches_tracked`` is
     counted by :meth:`PairMerger.close`, or per call when ``momentum`` is None and it is needed)."""
-    weight, bias, eps = bn.weight, bn.bias, bn.eps
-    use_running = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if use_running else None
-    running_var = bn.running_var if use_running else None
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    cudnn = torch.backends.cudnn.enabled
+    state, cudnn = BatchNormState.of(bn), torch.backends.cudnn.enabled
+    stats = (state.running_mean, state.running_var, state.batch_stats)
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.momentum is None and bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked)
-        return torch.batch_norm(x, weight, bias, running_mean, running_var, batch_stats, momentum, eps, cudnn)
+        momentum = state.momentum
+        if momentum is None:
+            momentum = 0.0
+            if state.counts:
+                bn.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        return torch.batch_norm(x, state.weight, state.bias, *stats, momentum, state.eps, cudnn)
 
     return step
 
@@ -201,23 +228,3 @@ class MeanUnit(nn.Module):
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return (left + right) * 0.5
-
-    def merger(self) -> MeanOfPairs:
-        """Children ``(2M, ...)``, left and right interleaved -> ``(M, ...)`` means."""
-        return MeanOfPairs()
-
-
-class MeanOfPairs:
-    """:class:`MeanUnit` for one batch of trees, with :class:`PairMerger`'s interface."""
-
-    def __call__(self, children: torch.Tensor) -> torch.Tensor:
-        return (children[0::2] + children[1::2]) * 0.5  # (2M, ...) -> (M, ...)
-
-    def nodes(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-    def features(self, nodes: torch.Tensor) -> torch.Tensor:
-        return nodes
-
-    def close(self) -> None:
-        pass
