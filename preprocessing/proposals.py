@@ -78,13 +78,21 @@ def _seeded_boxes(small: np.ndarray, params: CropParams) -> tuple[np.ndarray, fl
     seg = seeded.segment(small, params)
     h, w = seg.cells.shape
     boxes, fill = seeded.region_boxes(seg.cells)  # (c, 4), (c,)
-    keep = _shape_ok(boxes, min(h, w), params)
     nucleus_integral = cv2.integral((seg.nuclei > 0).astype(np.uint8), sdepth=cv2.CV_64F)
-    keep &= _box_sum(nucleus_integral, boxes) / _box_area(boxes) >= params.min_nucleus_fraction
-    if params.drop_border:
-        keep &= ~_on_border(boxes, w, h)
+    keep = _filters(boxes, nucleus_integral, w, h, params)  # (c,)
     order = np.argsort(-fill[keep], kind="stable")[: params.max_patches_per_field]
     return boxes[keep][order], seg.factor
+
+
+def _filters(
+    boxes: np.ndarray, nucleus_integral: np.ndarray, w: int, h: int, params: CropParams
+) -> np.ndarray:
+    """``(c,)`` bool: the filters every backend applies to boxes ``(c, 4)`` on a ``w`` x ``h`` field: size
+    range and aspect, off the border (``drop_border``), at least ``min_nucleus_fraction`` nucleus pixels."""
+    keep = _shape_ok(boxes, min(h, w), params)
+    if params.drop_border:
+        keep &= ~_on_border(boxes, w, h)
+    return keep & (_box_sum(nucleus_integral, boxes) / _box_area(boxes) >= params.min_nucleus_fraction)
 
 
 def _on_border(b: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -169,13 +177,9 @@ def _select(cand: np.ndarray, masks: _Masks, params: CropParams) -> tuple[np.nda
     cand = bx.clip(cand, w, h)  # (c, 4)
     if params.refine > 0 and len(cand):
         cand = _unique(np.concatenate([cand, _refine(cand, masks.foreground, params.refine)]))
-    cand = cand[_shape_ok(cand, min(h, w), params)]
-    if params.drop_border:
-        cand = cand[~_on_border(cand, w, h)]
+    cand = cand[_filters(cand, masks.nucleus_integral, w, h, params)]  # (c', 4)
     if len(cand) == 0 or params.max_patches_per_field == 0:
         return np.zeros((0, 4), dtype=np.int64), np.zeros(0)
-    nuc_frac = _box_sum(masks.nucleus_integral, cand) / _box_area(cand)  # (c,)
-    cand = cand[nuc_frac >= params.min_nucleus_fraction]
     scores = _scores(cand, masks, ring=max(2, round(params.ring * min(h, w))))  # (c,)
     good = scores >= params.min_score
     cand, scores = cand[good], scores[good]
