@@ -63,8 +63,8 @@ def generate_mil(params: MilSynthParams) -> tuple[np.ndarray, np.ndarray, np.nda
     target[: params.informative] += params.shift  # (D,) the target concept, near background concept 0
     labels = rng.permutation(np.arange(params.bags) % 2)  # (B,) half positive
     sizes = rng.integers(params.instances_min, params.instances_max + 1, params.bags)  # (B,)
-    rows, bag_ids = [], []
-    for bag, (label, n) in enumerate(zip(labels.tolist(), sizes.tolist(), strict=True)):
+    rows = []
+    for label, n in zip(labels.tolist(), sizes.tolist(), strict=True):
         x = centres[rng.integers(params.concepts, size=n)]  # (n, D) background instances
         if label == 1:
             k = int(rng.integers(1, params.witnesses + 1))
@@ -73,8 +73,7 @@ def generate_mil(params: MilSynthParams) -> tuple[np.ndarray, np.ndarray, np.nda
             x[0] = (centres[0] + target) / 2
         x = x + rng.standard_normal(x.shape)  # unit noise around each concept
         rows.append(x[rng.permutation(n)])
-        bag_ids.append(np.full(n, bag))
-    ids = np.concatenate(bag_ids)
+    ids = np.repeat(np.arange(params.bags), sizes)  # (N,)
     return np.concatenate(rows), ids, labels[ids]
 
 
