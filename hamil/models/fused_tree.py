@@ -84,7 +84,6 @@ class FusedTree(torch.autograd.Function):
             rows.publish(level, out)
         ctx.routing, ctx.saved_levels, ctx.has_bias = routing, saved, bias is not None
         ctx.save_for_backward(matrix, weight)
-        ctx.n = features.shape[0]
         return rows.collect(plan.height + 1).squeeze(1)  # (B, C)
 
     @staticmethod
