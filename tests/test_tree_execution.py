@@ -189,14 +189,16 @@ def test_plan_routes_every_node_once(sizes: list[int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     trees = [random_merge_order(n, rng) for n in sizes]
     plan = plan_trees(trees, np.asarray(sizes))
-    produced = [sum(sizes)] + plan.merges_per_level[1 : plan.height + 1].tolist()
+    levels = np.concatenate([tree_levels(t, n) for t, n in zip(trees, sizes, strict=True)])  # (merges,)
+    merges = np.bincount(levels, minlength=plan.height + 1)[1:]  # merges per level 1..height
+    produced = [sum(sizes), *merges.tolist()]
     received = np.zeros(plan.height + 2, dtype=np.int64)
     for level, pieces in enumerate(plan.route):
         assert sum(rows for _, rows in pieces) == produced[level]
         assert all(consumer > level for consumer, _ in pieces)
         for consumer, rows in pieces:
             received[consumer] += rows
-    assert received[1 : plan.height + 1].tolist() == (2 * plan.merges_per_level[1 : plan.height + 1]).tolist()
+    assert received[1 : plan.height + 1].tolist() == (2 * merges).tolist()
     assert received[plan.height + 1] == len(sizes)
     assert plan.height == max(tree_height(t, n) for t, n in zip(trees, sizes, strict=True))
 

@@ -39,7 +39,6 @@ class TreePlan:
     """
 
     height: int
-    merges_per_level: np.ndarray  # (height + 2,) merges at each level; [0] = 0, [height + 1] = B roots
     order: list[np.ndarray | None]  # per source level: row permutation of its output
     route: list[list[tuple[int, int]]]  # per source level: (consumer level, rows) in order
     gather: list[np.ndarray | None]  # per consumer level: permutation of its concatenated inputs
@@ -104,12 +103,9 @@ def plan_trees(trees: list[np.ndarray], sizes: np.ndarray) -> TreePlan:
     total = int(np.sum(sizes))
     level = _levels(merges, total)  # (M,) level of each merge
     height = int(level.max(initial=0))
-    per_level = np.bincount(level, minlength=height + 1)  # (height + 1,)
-    per_level = np.append(per_level, len(sizes))  # roots are consumed at level height + 1
-    per_level[0] = 0
     # position of each merge within its level, keeping batch order
     by_level = np.argsort(level, kind="stable")  # (M,)
-    starts = np.concatenate([[0], np.cumsum(per_level)])  # (height + 3,)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(level, minlength=height + 1))])  # (height + 2,)
     position = np.empty(len(level), dtype=np.int64)
     position[by_level] = np.arange(len(level)) - starts[level[by_level]]
     node_level = np.concatenate([np.zeros(total, np.int64), level])  # (N + M,) node id -> its level
@@ -122,7 +118,6 @@ def plan_trees(trees: list[np.ndarray], sizes: np.ndarray) -> TreePlan:
     records = np.lexsort((slot, consumer, source))  # by source, then consumer, then slot
     return TreePlan(
         height=height,
-        merges_per_level=per_level,
         order=_orders(node_row[node[records]], source[records], height),
         route=_routes(source[records], consumer[records], height),
         gather=_gathers(source, consumer, slot, height),
