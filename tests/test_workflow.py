@@ -211,6 +211,40 @@ def test_slurm_profile_dry_run(tmp_path):
     assert "train_model" in out and "checkpoint download" in out
 
 
+def test_the_slurm_profile_leaves_job_needs_to_the_rules():
+    """Resource lists in a profile are replaced, not merged, by the README's --default-resources and
+    --set-resources: the profile must hold none (and no set-threads, which would change CPU training
+    results against a local run); job states come from squeue (sacct hangs without accounting)."""
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    assert not {"default-resources", "set-resources", "set-threads", "resources"} & set(profile)
+    assert profile["executor"] == "slurm" and profile["slurm-status-command"] == "squeue"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+    reason="snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')",
+)
+@pytest.mark.parametrize(
+    ("caps", "threads", "mem_mb"),
+    [((), 8, 16000), (("--max-threads", "2", "--config", "max_mem_mb=3000"), 2, 3000)],
+)
+def test_cluster_jobs_ask_what_the_config_says_or_the_caps_allow(tmp_path, caps, threads, mem_mb):
+    """config/config.yaml's crop needs (8 threads, 16 GB, 4 h) reach each job, with the README's command
+    line adding the partition; --max-threads and max_mem_mb cap them for smaller nodes."""
+    proc = snakemake(
+        tmp_path,
+        *("--workflow-profile", str(REPO / "profiles/slurm"), "-n", "--cores", "64"),
+        *("--default-resources", "slurm_account=ACCOUNT", "slurm_partition=cpu"),
+        *("--configfile", str(REPO / "config/config.yaml"), *caps),
+    )
+    block = proc.stdout.split("rule crop_shard:", 1)[1].split("\n\n", 1)[0]
+    assert f"threads: {threads}\n" in block and f"--workers {threads} " in block
+    resources = block.split("resources: ", 1)[1].split("\n", 1)[0].split(", ")
+    assert {f"mem_mb={mem_mb}", "runtime=240", "slurm_partition=cpu", "slurm_account=ACCOUNT"} <= set(
+        resources
+    )
+
+
 def test_edits_to_a_folder_dataset_rerun_its_download(tmp_path):
     """The folder table and the images it lists are inputs of the download job: after a run, editing a
     label or replacing an image makes Snakemake plan the download again (and what depends on it)."""

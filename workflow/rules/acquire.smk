@@ -20,7 +20,9 @@ checkpoint synth:
         ds="|".join(SYNTHETIC) or "^$",
     params:
         options=lambda w: cli_options(ds_config(w.ds).get("synthetic")),
-    threads: 2
+    threads: needs("synth")["threads"]
+    resources:
+        **job_resources("synth"),
     conda:
         "../envs/hamil.yaml"
     log:

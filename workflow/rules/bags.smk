@@ -22,7 +22,9 @@ rule bags_dataset:
                 cli_options({"paper_counts": shipped(ds_config(w.ds).get("paper_counts"))}),
             )
         ),
-    threads: 2
+    threads: needs("bags")["threads"]
+    resources:
+        **job_resources("bags"),
     conda:
         "../envs/hamil.yaml"
     log:

@@ -3,7 +3,6 @@
 import csv
 import json
 import shlex
-import shutil
 from pathlib import Path
 
 from preprocessing.io import DEFAULT_MAX_BAD_FRACTION
@@ -11,9 +10,39 @@ from preprocessing.io import DEFAULT_MAX_BAD_FRACTION
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
 SEEDS = [int(s) for s in config["seeds"]]
-# Training jobs ask for one GPU each where there is one (the default profile runs one GPU job at a time);
-# on a CPU-only machine they ask for none, so several can share the cores.
-TRAIN_GPUS = int(config.get("train_gpus", 1 if shutil.which("nvidia-smi") else 0))
+# What one job of each stage needs: threads (local runs and cluster jobs alike, so that a cluster run computes
+# what a local run of the same config computes), and what a cluster job asks SLURM for: memory (MB), a time
+# limit (minutes), GPUs and their model. The config's `resources:` overrides these, key by key; its
+# `max_mem_mb` caps every job's memory (and Snakemake's --max-threads every job's threads) for small nodes.
+JOB_NEEDS = {
+    "synth": {"threads": 2, "mem_mb": 2000, "runtime": 30},
+    "crop": {"threads": 2, "mem_mb": 4000, "runtime": 120},
+    "bags": {"threads": 2, "mem_mb": 4000, "runtime": 60},
+    "train": {"threads": 2, "mem_mb": 8000, "runtime": 720, "gpus": 0},
+    "evaluate": {"threads": 2, "mem_mb": 4000, "runtime": 60},
+    "figures": {"threads": 2, "mem_mb": 4000, "runtime": 60},
+    "compare": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+}
+
+
+def needs(stage):
+    """One stage's job needs: JOB_NEEDS, then the config's `resources.<stage>`, memory capped by `max_mem_mb`."""
+    values = {**JOB_NEEDS[stage], **config.get("resources", {}).get(stage, {})}
+    if config.get("max_mem_mb"):
+        values["mem_mb"] = min(values["mem_mb"], int(config["max_mem_mb"]))
+    return values
+
+
+def job_resources(stage):
+    """The `resources:` of a stage's rule: memory, time limit and, for training, GPUs (the SLURM plugin's
+    `gpu` and `gpu_model`; the local profile runs at most one `gpu` job at a time)."""
+    values = needs(stage)
+    resources = {"mem_mb": values["mem_mb"], "runtime": values["runtime"]}
+    if "gpus" in values:
+        resources["gpu"] = values["gpus"]
+    if values.get("gpu_model"):
+        resources["gpu_model"] = values["gpu_model"]
+    return resources
 
 
 def compare_checkpoints(wildcards):

@@ -19,7 +19,9 @@ rule crop_shard:
         ),
         max_bad=lambda w: max_bad_fraction(w.ds),
         options=lambda w: cli_options(crop_options(w.ds)),
-    threads: 2
+    threads: needs("crop")["threads"]
+    resources:
+        **job_resources("crop"),
     conda:
         "../envs/hamil.yaml"
     log:

@@ -30,7 +30,9 @@ rule evaluate_model:
         split=config.get("evaluate", {}).get("split", "test"),
         threshold=config.get("evaluate", {}).get("threshold", 0.5),
         tune_split=config.get("evaluate", {}).get("tune_split", "val"),
-    threads: 2
+    threads: needs("evaluate")["threads"]
+    resources:
+        **job_resources("evaluate"),
     conda:
         "../envs/hamil.yaml"
     log:
@@ -84,7 +86,9 @@ rule figures_run:
         compare=lambda w, input: (
             "--compare-run " + " ".join(str(Path(c).parent) for c in input.compare) if input.compare else ""
         ),
-    threads: 2
+    threads: needs("figures")["threads"]
+    resources:
+        **job_resources("figures"),
     conda:
         "../envs/hamil.yaml"
     log:
@@ -113,6 +117,9 @@ rule compare_dataset:
         reference=lambda w: (
             f"--reference {shipped(ds_config(w.ds)['reference'])}" if ds_config(w.ds).get("reference") else ""
         ),
+    threads: needs("compare")["threads"]
+    resources:
+        **job_resources("compare"),
     conda:
         "../envs/hamil.yaml"
     log:

@@ -24,9 +24,9 @@ rule train_model:
             },
             explicit_none=True,  # e.g. patience: null means never stop early, not the default
         ),
-    threads: config.get("train_threads", 2)
+    threads: needs("train")["threads"]
     resources:
-        gpu=TRAIN_GPUS,
+        **job_resources("train"),
     conda:
         "../envs/hamil.yaml"
     log:
