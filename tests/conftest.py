@@ -120,6 +120,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the slow end-to-end tests first: with pytest-xdist (``-n``) the long ones then overlap with
-    everything else instead of starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Run the slow end-to-end tests first, the real-SLURM one (minutes, mostly waiting on the cluster's
+    polls) before them: with pytest-xdist (``-n``) the long ones then overlap with everything else instead
+    of starting last."""
+    items.sort(key=lambda item: (item.path.name != "test_slurm.py", item.get_closest_marker("slow") is None))

@@ -61,6 +61,15 @@ def test_full_reproduction_dag_dry_run(tmp_path):
         (lambda c: c["train"].update(epoch=2), "'epoch' was unexpected"),
         (lambda c: c.update(models=["hamil", "transformer"]), "'transformer' is not one of"),
         (lambda c: c["datasets"]["tiny"]["crop"].update(backend="sam"), "'sam' is not one of"),
+        (lambda c: c.update(resources={"train": {"gpu_model": "a100"}}), "'gpus' is a required property"),
+        (
+            lambda c: c.update(resources={"train": {"gpus": 0, "gpu_model": "a100"}}),
+            "0 is less than the minimum",
+        ),
+        (
+            lambda c: c.update(train_threads=2),
+            "'train_threads' was unexpected",
+        ),  # now resources.train.threads
     ],
 )
 def test_config_errors_name_the_key(tmp_path, edit, needle):
@@ -147,13 +156,20 @@ def test_end_to_end_tiny(tmp_path):
     proc = snakemake(tmp_path, "-n", "-R", "train_model", "--configfile", str(configfile))
     assert "train_model" in proc.stdout and "evaluate_model" in proc.stdout
     assert "hamil train --store" in proc.stdout and "torchrun" not in proc.stdout
-    # a training job given several GPUs is launched as one DDP process per GPU
+    # a training job given several GPUs by the config (whatever this machine has) asks for them, typed, and
+    # is launched as one DDP process per GPU
+    gpus = tmp_path / "gpus.yaml"  # merged over the config
+    gpus.write_text("resources: {train: {gpus: 2, gpu_model: a100}}\n")
     proc = snakemake(
         tmp_path,
-        *("-n", "-p", "-R", "train_model", "--set-resources", "train_model:gpu=2", "--resources", "gpu=2"),
-        *("--configfile", str(configfile)),
+        *("-n", "-p", "-R", "train_model", "--resources", "gpu=2"),
+        *("--configfile", str(configfile), str(gpus)),
     )
     assert "torchrun --standalone --nproc-per-node 2 -m hamil.cli train --store" in proc.stdout
+    block = proc.stdout.split("rule train_model:", 1)[1].split("\n\n", 1)[0]
+    assert {"gpu=2", "gpu_model=a100", "runtime=720"} <= set(
+        block.split("resources: ", 1)[1].split("\n")[0].split(", ")
+    )
     proc = snakemake(tmp_path, "bags", "-n", "-R", "bags_dataset", "--configfile", str(configfile))
     assert "bags_dataset" in proc.stdout and "train_model" not in proc.stdout
 
@@ -226,11 +242,15 @@ def test_the_slurm_profile_leaves_job_needs_to_the_rules():
 )
 @pytest.mark.parametrize(
     ("caps", "threads", "mem_mb"),
-    [((), 8, 16000), (("--max-threads", "2", "--config", "max_mem_mb=3000"), 2, 3000)],
+    [
+        ((), 8, 16000),
+        (("--config", "max_threads=2", "max_mem_mb=3000"), 2, 3000),  # the README's one flag for small nodes
+        (("--max-threads", "2"), 2, 16000),  # Snakemake's own cap on threads
+    ],
 )
 def test_cluster_jobs_ask_what_the_config_says_or_the_caps_allow(tmp_path, caps, threads, mem_mb):
     """config/config.yaml's crop needs (8 threads, 16 GB, 4 h) reach each job, with the README's command
-    line adding the partition; --max-threads and max_mem_mb cap them for smaller nodes."""
+    line adding the partition; `--config max_threads=N max_mem_mb=M` caps them for smaller nodes."""
     proc = snakemake(
         tmp_path,
         *("--workflow-profile", str(REPO / "profiles/slurm"), "-n", "--cores", "64"),

@@ -13,7 +13,7 @@ SEEDS = [int(s) for s in config["seeds"]]
 # What one job of each stage needs: threads (local runs and cluster jobs alike, so that a cluster run computes
 # what a local run of the same config computes), and what a cluster job asks SLURM for: memory (MB), a time
 # limit (minutes), GPUs and their model. The config's `resources:` overrides these, key by key; its
-# `max_mem_mb` caps every job's memory (and Snakemake's --max-threads every job's threads) for small nodes.
+# `max_threads` and `max_mem_mb` cap every job for nodes smaller than the config asks for.
 JOB_NEEDS = {
     "synth": {"threads": 2, "mem_mb": 2000, "runtime": 30},
     "crop": {"threads": 2, "mem_mb": 4000, "runtime": 120},
@@ -25,23 +25,25 @@ JOB_NEEDS = {
 }
 
 
-def needs(stage):
-    """One stage's job needs: JOB_NEEDS, then the config's `resources.<stage>`, memory capped by `max_mem_mb`."""
+def needs(stage: str) -> dict:
+    """One stage's job needs: JOB_NEEDS, then the config's `resources.<stage>`, capped by `max_threads` and
+    `max_mem_mb`."""
     values = {**JOB_NEEDS[stage], **config.get("resources", {}).get(stage, {})}
-    if config.get("max_mem_mb"):
-        values["mem_mb"] = min(values["mem_mb"], int(config["max_mem_mb"]))
+    for key, cap in (("threads", "max_threads"), ("mem_mb", "max_mem_mb")):
+        if config.get(cap):
+            values[key] = min(values[key], int(config[cap]))
     return values
 
 
-def job_resources(stage):
+def job_resources(stage: str) -> dict:
     """The `resources:` of a stage's rule: memory, time limit and, for training, GPUs (the SLURM plugin's
-    `gpu` and `gpu_model`; the local profile runs at most one `gpu` job at a time)."""
+    `gpu` and `gpu_model`, sbatch --gpus=[model:]count; the local profile runs one `gpu` job at a time)."""
     values = needs(stage)
     resources = {"mem_mb": values["mem_mb"], "runtime": values["runtime"]}
     if "gpus" in values:
         resources["gpu"] = values["gpus"]
-    if values.get("gpu_model"):
-        resources["gpu_model"] = values["gpu_model"]
+        if values["gpus"] and values.get("gpu_model"):  # the schema refuses a model without GPUs
+            resources["gpu_model"] = values["gpu_model"]
     return resources
 
 
