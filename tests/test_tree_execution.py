@@ -104,9 +104,15 @@ def _compare(name: str, feats: torch.Tensor, sizes: torch.Tensor, train: bool = 
     torch.testing.assert_close(out_new, out_ref, rtol=0, atol=1e-12)
     (out_new * weight).sum().backward()
     (out_ref * weight).sum().backward()
-    torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=0, atol=1e-12)
+    # The two executions sum the same float64 terms in other orders (banded matrix products, segment sums,
+    # batch-norm reductions over at most a few hundred terms): each gradient differs by at most about
+    # n * eps * the largest term, ~1e3 * 2.2e-16 = 2.2e-13 of the gradients' scale. Batch norm over a few
+    # nearly equal instances makes that scale large (gradients of ~1e3 seen), so the bound is relative to it.
+    scale = max(1.0, float(x_ref.grad.abs().max()))
+    torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=0, atol=1e-12 * scale)
     for p_new, p_ref in zip(new.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p_new.grad, p_ref.grad, rtol=1e-12, atol=1e-12)
+        scale = max(1.0, float(p_ref.grad.abs().max()))
+        torch.testing.assert_close(p_new.grad, p_ref.grad, rtol=1e-12, atol=1e-12 * scale)
     for b_new, b_ref in zip(new.buffers(), ref.buffers(), strict=True):  # batch-norm running statistics
         torch.testing.assert_close(b_new, b_ref, rtol=0, atol=1e-12)
 
