@@ -131,7 +131,10 @@ def _unwrap(path: Path, outer: dict[str, Any]) -> dict[str, Any]:
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> MILModel:
     """Rebuild the model a checkpoint was trained with and load its weights (eval mode)."""
     cfg = ckpt["config"]
-    model = build_model(cfg.model, len(ckpt["class_names"]), None, cfg.dropout, **cfg.aggregator_options())
+    in_chans = int(ckpt["model"]["backbone.trunk.0.weight"].shape[1])  # the first convolution's inputs
+    model = build_model(
+        cfg.model, len(ckpt["class_names"]), None, cfg.dropout, in_chans=in_chans, **cfg.aggregator_options()
+    )
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 

@@ -43,6 +43,7 @@ from hamil.tables import SKIPPED_COLUMNS, instance_table, prediction_table
 from preprocessing.crop import CropParams, crop_field, params_from_attrs
 from preprocessing.errors import InputError
 from preprocessing.io import read_image, read_table, resolve_path, split_labels, write_json, write_tsv
+from preprocessing.microscopy import ReadParams, ReadSpec, channel_indices, open_stack, read_field
 from preprocessing.sources.folder import EXTENSIONS, check_image
 
 __all__ = [
@@ -92,9 +93,13 @@ class InstanceBag:
 
 
 def read_bags(
-    inputs: str | os.PathLike[str], skip: Path | None = None, split: str | None = None
+    inputs: str | os.PathLike[str],
+    skip: Path | None = None,
+    split: str | None = None,
+    read: ReadParams | None = None,
 ) -> list[BagImages]:
-    """The bags of ``inputs`` (a folder of bag sub-folders, or a TSV), every image checked.
+    """The bags of ``inputs`` (a folder of bag sub-folders, or a TSV), every image checked (as ``read``,
+    the training data's read block, chooses its planes).
 
     ``skip`` is a folder to leave out when it lies inside ``inputs`` (the output folder); ``split`` keeps
     only a table's rows with that value in its ``split`` column. Raises :class:`InputError` with one line
@@ -112,7 +117,7 @@ def read_bags(
         raise InputError(
             f"{inputs}: input not found (give a folder of bag folders or a TSV with path and bag or group)"
         )
-    _check_images(bags)
+    _check_images(bags, read)
     return bags
 
 
@@ -188,12 +193,12 @@ def _bags_from_table(table: Path, split: str | None = None) -> list[BagImages]:
     return bags
 
 
-def _check_images(bags: Sequence[BagImages]) -> None:
+def _check_images(bags: Sequence[BagImages], read: ReadParams | None) -> None:
     """Check every image (extension, existence, full decode); one line naming the first bad file."""
     bad = []
     for bag in bags:
         for path in bag.paths:
-            reason = check_image(path)
+            reason = check_image(path, read)
             if reason is not None:
                 bad.append(f"{path}: {reason.replace(f' ({path})', '')}")
     if bad:
@@ -252,19 +257,63 @@ def crop_params_of(store_attrs: dict, checkpoint: str | os.PathLike[str]) -> Cro
     return params
 
 
-def bag_instances(bag: BagImages, params: CropParams) -> InstanceBag:
-    """Read and crop every image of one bag as the crop stage does: patches ``(n, 3, H, W)`` uint8."""
+def read_spec_of(store_attrs: dict, checkpoint: str | os.PathLike[str]) -> ReadSpec | None:
+    """How the training fields were read (the folder source's ``read:`` block and intensity ranges), from
+    a checkpoint's ``store_attrs``; ``None`` where the data set recorded none (RGB as read_image reads)."""
+    recorded = store_attrs.get("read")
+    if recorded is None:
+        return None
+    try:
+        return ReadSpec.from_dict(recorded)
+    except (InputError, TypeError, ValueError, KeyError) as err:
+        raise InputError(f"{checkpoint}: unreadable store_attrs.read ({err})") from None
+
+
+def image_fields(path: str | os.PathLike[str], spec: ReadSpec | None) -> list[np.ndarray]:
+    """The fields ``(H, W, C)`` uint8 of one image file, read as in training (every scene with ``scene:
+    all``)."""
+    if spec is None:
+        return [read_image(path)]
+    if spec.params.scene == "all":
+        scenes = open_stack(path).data.shape[0]
+        return [read_field(path, spec, k) for k in range(scenes)]
+    return [read_field(path, spec)]
+
+
+def warn_if_unlike_training(path: str | os.PathLike[str], spec: ReadSpec | None, store_attrs: dict) -> None:
+    """Warn (once, for the first image) when new images name other channels or have another pixel size
+    than the training fields (beyond 1 %)."""
+    if spec is None:
+        return
+    stack = open_stack(path)
+    if spec.channel_names:
+        names = [stack.channel_names[i] for i in channel_indices(stack, spec.params)]
+        if [n.lower() for n in names] != [n.lower() for n in spec.channel_names]:
+            log.warning("%s: channels %s, the model was trained on %s", path, names, list(spec.channel_names))
+    trained = [tuple(p) for p in store_attrs.get("pixel_sizes_um") or []]
+    if stack.pixel_size_um is not None and trained:
+        x, y = stack.pixel_size_um
+        if not any(abs(x - tx) <= 0.01 * tx and abs(y - ty) <= 0.01 * ty for tx, ty in trained):
+            log.warning("%s: pixel size %.4g x %.4g µm, the training fields had %s", path, x, y, trained)
+
+
+def bag_instances(bag: BagImages, params: CropParams, spec: ReadSpec | None = None) -> InstanceBag:
+    """Read and crop every image of one bag as the crop stage does: patches ``(n, C, H, W)`` uint8."""
     patches, boxes, sources = [], [], []
     for path, shown in zip(bag.paths, bag.shown, strict=True):
-        _, windows, cut = crop_field(read_image(path), params)  # (m, 4), (m, 3, H, W)
-        patches.append(cut)
-        boxes.append(windows)
-        sources.extend([shown] * len(cut))
+        for image in image_fields(path, spec):
+            _, windows, cut = crop_field(image, params)  # (m, 4), (m, C, H, W)
+            patches.append(cut)
+            boxes.append(windows)
+            sources.extend([shown] * len(cut))
     height, width = params.instance_shape
+    channels = spec.channels_out if spec is not None else 3
     return InstanceBag(
         bag.bag,
         len(bag.paths),
-        np.concatenate(patches) if patches else np.zeros((0, 3, height, width), np.uint8),  # (n, 3, H, W)
+        np.concatenate(patches)
+        if patches
+        else np.zeros((0, channels, height, width), np.uint8),  # (n, C, H, W)
         np.concatenate(boxes).reshape(-1, 4),  # (n, 4)
         sources,
     )
@@ -348,7 +397,10 @@ def predict_images(
     class_names = list(ckpt["class_names"])
     tuned = None if thresholds is None else read_thresholds(thresholds, class_names)
     params = crop_params_of(ckpt.get("store_attrs") or {}, checkpoint)
-    bags = read_bags(inputs, skip=out, split=split)
+    spec = read_spec_of(ckpt.get("store_attrs") or {}, checkpoint)
+    bags = read_bags(inputs, skip=out, split=split, read=spec.params if spec is not None else None)
+    if bags and bags[0].paths:
+        warn_if_unlike_training(bags[0].paths[0], spec, ckpt.get("store_attrs") or {})
     dev = select_device(device)
     model = model_from_checkpoint(ckpt, dev)
     log.info(
@@ -360,7 +412,9 @@ def predict_images(
         dev,
     )
     limit = ((ckpt.get("store_attrs") or {}).get("bags") or {}).get("max_bag_size")
-    done, logits, instance_rows, skipped = _run(model, bags, params, dev, batch_bags, instance_scores, limit)
+    done, logits, instance_rows, skipped = _run(
+        model, bags, params, dev, batch_bags, instance_scores, limit, spec
+    )
     _write_skipped(out, skipped, len(done))
     probs = torch.sigmoid(torch.from_numpy(logits)).numpy()  # (B, K), float32 as in evaluate
     scored = [bag for bag, _ in done]
@@ -445,6 +499,7 @@ def _run(
     batch_bags: int,
     explain: bool,
     max_bag_size: int | None = None,
+    spec: ReadSpec | None = None,
 ) -> tuple[list[tuple[BagImages, int]], np.ndarray, list[pd.DataFrame], list[dict]]:
     """Crop and classify batch by batch; only one batch's patches are in memory at a time.
 
@@ -458,7 +513,7 @@ def _run(
     for chunk in _batches(bags, batch_bags):
         batch = []
         for bag in chunk:
-            item = bag_instances(bag, params)
+            item = bag_instances(bag, params, spec)
             if len(item.patches):
                 batch.append((bag, item))
                 continue

@@ -67,9 +67,16 @@ class DownloadJob:
     options: dict[str, Any] = opt({}, "hpa, hpa_paper, bdgp: the source's options as a JSON object")
     retries: int = opt(5, "hpa, hpa_paper, bdgp: attempts after the first for transient failures (back-off)")
     workers: int = opt(1, "parallel processes checking images (folder)")
+    read: dict[str, Any] = opt(
+        {}, "folder: which planes the model gets, as a JSON object (channels, z, time, scene, intensity)"
+    )
 
     def __post_init__(self) -> None:
         check_fraction(self.max_bad_fraction)
+        if self.read:
+            from preprocessing.microscopy import ReadParams
+
+            ReadParams.from_dict(self.read)  # one line for a bad read block, before any image is opened
         check_options({"workers": self.workers >= 1, "retries": self.retries >= 0}, self)
         if self.source == "folder" and not self.table:
             raise InputError("hamil download folder: --table (path, group, labels) is required")
@@ -147,6 +154,7 @@ def run_download(job: DownloadJob) -> None:
             image_root=job.image_root,
             max_bad_fraction=job.max_bad_fraction,
             workers=job.workers,
+            read=job.read,
         )
     else:
         module_name, options_name = DOWNLOAD_SOURCES[job.source]

@@ -154,7 +154,12 @@ def build_run(cfg: TrainConfig, ctx: DistContext) -> Run:
         )
     device = ctx.device
     model = build_model(
-        cfg.model, len(store.class_names), cfg.pretrained, cfg.dropout, **cfg.aggregator_options()
+        cfg.model,
+        len(store.class_names),
+        cfg.pretrained,
+        cfg.dropout,
+        in_chans=store.channels,
+        **cfg.aggregator_options(),
     ).to(device)
     step_model: nn.Module = model
     if ctx.world > 1:
@@ -428,6 +433,10 @@ def _payload(run: Run, state: TrainState, row: dict[str, float], rng: list[dict[
             "source": store.attrs.get("source"),
             "crop": store.attrs.get("crop"),
             "bags": store.attrs.get("params"),
+            "read": store.attrs.get(
+                "read"
+            ),  # how the fields were read (predict reads new files the same way)
+            "pixel_sizes_um": store.attrs.get("pixel_sizes_um", []),
             "max_instances": run.cfg.max_instances,
             "fingerprint": store.fingerprint,
         },

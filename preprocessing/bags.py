@@ -142,6 +142,9 @@ def build_bags(
         "source": source,
         "params": _jsonable(asdict(params)),
         "crop": shard_crop_params(shard_stores),
+        # how the fields were read (the acquire stage's read.json, through the shards) and their pixel sizes
+        "read": zarr.open_group(Path(shard_stores[0]), mode="r").attrs.get("read"),
+        "pixel_sizes_um": pixel_sizes(patches),
     }
     write_bag_store(
         dest_store,
@@ -305,6 +308,16 @@ def _bags_table(bags: pd.DataFrame, labels: np.ndarray, classes: Sequence[str]) 
             "all_labels": [";".join(ls) for ls in bags["all_labels"]],
         }
     )
+
+
+def pixel_sizes(patches: pd.DataFrame) -> list[list[float]]:
+    """The distinct ``(x, y)`` pixel sizes (µm) of the patches' fields, from the folder source's columns
+    (empty: not known; ``[]`` when no field says)."""
+    if "pixel_size_um_x" not in patches.columns:
+        return []
+    pairs = patches[["pixel_size_um_x", "pixel_size_um_y"]].astype(str)
+    known = {(float(x), float(y)) for x, y in pairs.itertuples(index=False) if x.strip() and y.strip()}
+    return [list(p) for p in sorted(known)]
 
 
 def shard_crop_params(shard_stores: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ kept boxes are optionally squared, cut from the full-resolution field and resize
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import multiprocessing
 import time
 from collections.abc import Iterator, Mapping
@@ -35,6 +36,7 @@ from preprocessing.io import (
     write_json,
     write_tsv,
 )
+from preprocessing.microscopy import READ_JSON, ReadSpec, read_field
 from preprocessing.options import opt
 from preprocessing.proposals import BACKENDS, OPENCV_MODES, propose_boxes
 from preprocessing.seeded import THRESHOLDS
@@ -178,25 +180,25 @@ def patch_windows(boxes: np.ndarray, shape: tuple[int, int], square: bool) -> tu
 
 
 def cut_patches(field: np.ndarray, boxes: np.ndarray, patch_size: int, square: bool) -> np.ndarray:
-    """Cut and resize one patch per box: ``(n, 3, P, P)`` uint8, channels-first RGB.
+    """Cut and resize one patch per box of a field ``(H, W, C)``: ``(n, C, P, P)`` uint8, channels first.
 
     With ``square`` each box is first expanded to a square around its centre; parts of the square outside
     the field are padded with zeros (the cell stays centred). Without it the box is resized as is.
     """
     windows, clipped = patch_windows(boxes, field.shape[:2], square)
-    out = np.zeros((len(windows), 3, patch_size, patch_size), dtype=np.uint8)  # (n, 3, P, P)
+    out = np.zeros((len(windows), field.shape[2], patch_size, patch_size), dtype=np.uint8)  # (n, C, P, P)
     for i, (win, cut) in enumerate(zip(windows, clipped, strict=True)):
         out[i] = _resize(_window(field, win, cut), patch_size).transpose(2, 0, 1)
     return out
 
 
 def _window(field: np.ndarray, win: np.ndarray, cut: np.ndarray) -> np.ndarray:
-    """The field's pixels in ``win`` (x0, y0, x1, y1), zero outside the field: ``(h, w, 3)``."""
+    """The field's pixels in ``win`` (x0, y0, x1, y1), zero outside the field: ``(h, w, C)``."""
     x0, y0, x1, y1 = (int(v) for v in win)
     cx0, cy0, cx1, cy1 = (int(v) for v in cut)
     if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
         return field[y0:y1, x0:x1]
-    canvas = np.zeros((max(y1 - y0, 1), max(x1 - x0, 1), 3), dtype=field.dtype)
+    canvas = np.zeros((max(y1 - y0, 1), max(x1 - x0, 1), field.shape[2]), dtype=field.dtype)
     canvas[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = field[cy0:cy1, cx0:cx1]
     return canvas
 
@@ -205,7 +207,8 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     shrink = img.shape[0] > size or img.shape[1] > size
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    out = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out.reshape(size, size, img.shape[2])  # OpenCV drops a single channel's axis
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -216,14 +219,14 @@ class _FieldResult:
     image_id: str
     boxes: np.ndarray  # (n, 4) kept boxes, before square expansion
     windows: np.ndarray  # (n, 4) patch windows clipped to the field
-    patches: np.ndarray  # (n, 3, H, W) uint8 (H = W = P for cells)
+    patches: np.ndarray  # (n, C, H, W) uint8 (H = W = P for cells)
     error: str | None = None  # InputError message when the image was unreadable
 
 
 def crop_field(field: np.ndarray, params: CropParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The instances of one field ``(H, W, 3)`` uint8, exactly as the crop stage cuts them.
+    """The instances of one field ``(H, W, C)`` uint8, exactly as the crop stage cuts them.
 
-    Returns ``(boxes (n, 4), windows (n, 4), patches (n, 3, h, w) uint8)``: the kept boxes before square
+    Returns ``(boxes (n, 4), windows (n, 4), patches (n, C, h, w) uint8)``: the kept boxes before square
     expansion, the patch windows clipped to the field (x0, y0, x1, y1) and the patches, ``(h, w)`` being
     ``params.instance_shape``. With ``params.instances == "whole"`` the field is one instance resized to
     that shape (box and window: the whole field); otherwise cells are proposed and cut (``n`` may be 0).
@@ -231,21 +234,46 @@ def crop_field(field: np.ndarray, params: CropParams) -> tuple[np.ndarray, np.nd
     if params.instances == "whole":
         height, width = params.instance_shape
         box = np.array([[0, 0, field.shape[1], field.shape[0]]], dtype=np.int64)  # (1, 4)
-        patch = cv2.resize(field, (width, height), interpolation=cv2.INTER_AREA)  # (H, W, 3)
-        return box, box, patch.transpose(2, 0, 1)[None]  # (1, 3, H, W)
-    boxes = propose_boxes(field, params)  # (n, 4)
+        patch = cv2.resize(field, (width, height), interpolation=cv2.INTER_AREA)  # (H, W, C)
+        patch = patch.reshape(height, width, field.shape[2])  # OpenCV drops a single channel's axis
+        return box, box, patch.transpose(2, 0, 1)[None]  # (1, C, H, W)
+    boxes = propose_boxes(proposal_view(field, params), params)  # (n, 4)
     _, clipped = patch_windows(boxes, field.shape[:2], params.square)
-    patches = cut_patches(field, boxes, params.patch_size, params.square)  # (n, 3, P, P)
+    patches = cut_patches(field, boxes, params.patch_size, params.square)  # (n, C, P, P)
     return boxes, clipped, patches
 
 
-def _process_field(row: dict[str, str], params: CropParams) -> _FieldResult:
+def proposal_view(field: np.ndarray, params: CropParams) -> np.ndarray:
+    """What the box finders see of a field ``(H, W, C)``: the seeded backend all channels (its roles index
+    them); OpenCV and selective search, which take colour images, three: grey repeated, a second channel's
+    blue left black, the first three of more."""
+    channels = field.shape[2]
+    if params.backend == "seeded" or channels == 3:
+        return field
+    if channels == 1:
+        return np.repeat(field, 3, axis=2)
+    if channels == 2:
+        return np.concatenate([field, np.zeros_like(field[:, :, :1])], axis=2)
+    return np.ascontiguousarray(field[:, :, :3])
+
+
+def read_shard_field(row: dict[str, str], spec: ReadSpec | None) -> np.ndarray:
+    """One row's field ``(H, W, C)`` uint8: as ``spec`` (the acquire stage's ``read.json``) reads it, else
+    as :func:`preprocessing.io.read_image` (RGB)."""
+    if spec is None:
+        return read_image(row["path"])
+    scene = row.get("scene") or None
+    return read_field(row["path"], spec, int(scene) if scene is not None else None)
+
+
+def _process_field(row: dict[str, str], params: CropParams, spec: ReadSpec | None) -> _FieldResult:
     """Read one field and crop it; an unreadable image gives a result with ``error`` set."""
     empty = np.zeros((0, 4), dtype=np.int64)
     try:
-        field = read_image(row["path"])
+        field = read_shard_field(row, spec)
     except InputError as err:
-        return _FieldResult(row["image_id"], empty, empty, np.zeros((0, 3, 1, 1), np.uint8), str(err))
+        channels = spec.channels_out if spec is not None else 3
+        return _FieldResult(row["image_id"], empty, empty, np.zeros((0, channels, 1, 1), np.uint8), str(err))
     boxes, clipped, patches = crop_field(field, params)
     return _FieldResult(row["image_id"], boxes, clipped, patches)
 
@@ -254,18 +282,20 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core: no nested OpenCV threads
 
 
-def _run_fields(rows: list[dict[str, str]], params: CropParams, workers: int) -> Iterator[_FieldResult]:
+def _run_fields(
+    rows: list[dict[str, str]], params: CropParams, workers: int, spec: ReadSpec | None
+) -> Iterator[_FieldResult]:
     """Process fields with dask in batches (bounded memory), yielding results in input order."""
     batch = 2 * workers
     if workers <= 1:
         for start in range(0, len(rows), batch):
-            tasks = [dask.delayed(_process_field)(row, params) for row in rows[start : start + batch]]
+            tasks = [dask.delayed(_process_field)(row, params, spec) for row in rows[start : start + batch]]
             yield from dask.compute(*tasks, scheduler="synchronous")
         return
     ctx = multiprocessing.get_context("spawn")  # safe with threads in the parent
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
         for start in range(0, len(rows), batch):
-            tasks = [dask.delayed(_process_field)(row, params) for row in rows[start : start + batch]]
+            tasks = [dask.delayed(_process_field)(row, params, spec) for row in rows[start : start + batch]]
             yield from dask.compute(*tasks, scheduler="processes", num_workers=workers, pool=pool)
 
 
@@ -306,9 +336,10 @@ def crop_shard(
     table = read_images_table(images_tsv)
     rows = table.iloc[shard::num_shards].reset_index(drop=True)
     truth = _read_true_boxes(Path(boxes_tsv)) if boxes_tsv is not None else None
+    spec = load_read_spec(images_tsv.parent / READ_JSON)
 
     with atomic_path(out_zarr) as tmp:
-        run = _crop_rows(rows, tmp, params, workers, truth)
+        run = _crop_rows(rows, tmp, params, workers, truth, spec)
         check_rejected(
             pd.DataFrame(run.rejected, columns=list(REJECTED_COLUMNS)),
             len(rows),
@@ -340,12 +371,13 @@ def _crop_rows(
     params: CropParams,
     workers: int,
     truth: dict[str, np.ndarray] | None,
+    spec: ReadSpec | None,
 ) -> _ShardRun:
     """Crop every row's field, appending its patches to a new Zarr store at ``store``."""
     run = _ShardRun([], [], {})
-    patches = _create_store(store, params)
+    patches = _create_store(store, params, spec)
     by_id = {r["image_id"]: r for r in rows.to_dict("records")}
-    for result in _run_fields(list(by_id.values()), params, workers):
+    for result in _run_fields(list(by_id.values()), params, workers, spec):
         row = by_id[result.image_id]
         if result.error is not None:
             run.rejected.append({"image_id": result.image_id, "path": row["path"], "reason": result.error})
@@ -371,11 +403,24 @@ def params_from_attrs(values: Mapping[str, Any], origin: str = "crop parameters"
     return CropParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def _create_store(path: Path, params: CropParams) -> Any:
-    """A new Zarr v3 group at ``path`` with an empty ``patches`` array to append to."""
+def _create_store(path: Path, params: CropParams, spec: ReadSpec | None) -> Any:
+    """A new Zarr v3 group at ``path`` with an empty ``patches`` array to append to (attributes: patch
+    shape, crop parameters and, when the acquire stage recorded one, the read spec)."""
     group = zarr.open_group(path, mode="w", zarr_format=3)
     group.attrs.update({"patch_shape": list(params.instance_shape), "params": asdict(params)})
-    return create_patch_array(group, 0, 3, params.instance_shape)
+    if spec is not None:
+        group.attrs["read"] = spec.to_dict()
+    return create_patch_array(group, 0, spec.channels_out if spec else 3, params.instance_shape)
+
+
+def load_read_spec(path: Path) -> ReadSpec | None:
+    """The acquire stage's ``read.json`` (None where a source writes none); one line when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return ReadSpec.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise InputError(f"{path}: unreadable read spec ({err})") from None
 
 
 def _patch_records(row: dict[str, str], windows: np.ndarray, first: int) -> list[dict[str, Any]]:

@@ -244,6 +244,12 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is raised to that limit when it is lower, and
     its error is reported the same way.
     """
+    return to_rgb8(read_image_array(path), path)
+
+
+def read_image_array(path: str | os.PathLike[str]) -> np.ndarray:
+    """The decoded pixels of an image file as PIL gives them (grey ``(H, W)``, colour ``(H, W, 3|4)``,
+    16-bit and float kept), with every check of :func:`read_image`."""
     path = Path(path)
     limit = max_image_pixels()
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
@@ -271,7 +277,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{path}: unreadable image ({_first_line(err)})") from None
     if pages > 1:
         log.warning("%s: %d pages, only the first page is used", path, pages)
-    return to_rgb8(arr, path)
+    return arr
 
 
 # modes whose array to_rgb8 takes as is (grey, 1-bit, RGB, RGBA, 16/32-bit integer, float)

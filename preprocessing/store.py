@@ -221,6 +221,11 @@ class BagStore:
         height, width = self.attrs["patch_shape"]
         return int(height), int(width)
 
+    @property
+    def channels(self) -> int:
+        """Channels of every instance (3 for RGB; a ``read.channels`` choice gives that many)."""
+        return int(self.root["patches"].shape[1])
+
     def bag_sizes(self) -> np.ndarray:
         return np.diff(self.bag_offsets)
 

@@ -20,6 +20,7 @@ from preprocessing.sources.folder import prepare_folder
 from preprocessing.store import create_patch_array
 
 RNG = np.random.default_rng(0)
+PIXEL_SIZE = ("pixel_size_um_x", "pixel_size_um_y")  # added by the folder source, empty where unknown
 
 
 def _rgb(h: int = 20, w: int = 24) -> np.ndarray:
@@ -75,7 +76,7 @@ def test_accepts_png_jpeg_tiff_8_and_16_bit_gray_and_rgb(tmp_path: Path) -> None
     )
     out = prepare_folder(table, tmp_path / "out")
     assert len(out) == len(names) == 10
-    assert list(out.columns) == ["image_id", "group", "path", "labels"]
+    assert list(out.columns) == ["image_id", "group", "path", "labels", "pixel_size_um_x", "pixel_size_um_y"]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in out["path"])
     back = read_images_table(tmp_path / "out/images.tsv")
     assert back["path"].tolist() == out["path"].tolist()
@@ -152,7 +153,7 @@ def test_duplicate_stems_get_unique_ids_and_extra_columns_carried(tmp_path: Path
     out = prepare_folder(table, tmp_path / "out", image_root=tmp_path / "imgs")
     # stems clash: first keeps the stem, the others get suffixes that avoid the real "field_2"
     assert out["image_id"].tolist() == ["field", "field_3", "field_4", "field_2"]
-    assert list(out.columns) == ["image_id", "group", "path", "labels", "plate", "well"]
+    assert list(out.columns) == [*("image_id", "group", "path", "labels", "plate", "well"), *PIXEL_SIZE]
     assert out["plate"].tolist() == ["P0", "P1", "P2", "P9"]
     assert out["labels"].tolist() == ["x;y", "x;y", "x;y", ""]
     again = prepare_folder(table, tmp_path / "out2", image_root=tmp_path / "imgs")

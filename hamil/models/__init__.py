@@ -35,14 +35,20 @@ __all__ = [
 
 
 def build_model(
-    name: str, num_classes: int, pretrained: str | None = None, dropout: float = 0.0, **options: object
+    name: str,
+    num_classes: int,
+    pretrained: str | None = None,
+    dropout: float = 0.0,
+    in_chans: int = 3,
+    **options: object,
 ) -> MILModel:
     """Build the model ``name`` (see :func:`available`) with ``num_classes`` sigmoid outputs.
 
-    ``options`` go to the aggregator (e.g. ``depth``, ``kernel_size``, ``tree_features`` for HAMIL).
+    ``in_chans``: channels of the instances (the bag store's). ``options`` go to the aggregator (e.g.
+    ``depth``, ``kernel_size``, ``tree_features`` for HAMIL).
     """
     info = model_info(name)
-    backbone = Backbone(pretrained)
+    backbone = Backbone(pretrained, in_chans)
     aggregator = create(name, backbone.out_channels, num_classes=num_classes, **options)
     head = nn.Identity() if info.provides_logits else Head(aggregator.out_channels, num_classes, dropout)
     return MILModel(backbone, aggregator, head, info)

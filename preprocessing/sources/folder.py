@@ -8,15 +8,22 @@ carried over. Paths are relative to ``image_root`` (default: the TSV's folder) o
 bag stage; groups left empty are drawn by its ``split_ratio``. It is checked here (one line naming the row
 of an invalid value, or a group whose rows give two splits) and written in lower case.
 
-Every image is checked (extension, existence, full decode with :func:`preprocessing.io.read_image`) before
-anything is written. Problems are listed in ``<out_dir>/rejected.tsv`` (columns ``path, reason``); unless
-``max_bad_fraction`` allows skipping them, one :class:`InputError` reports them all.
+Every image is checked (extension, existence, full decode with :mod:`preprocessing.microscopy`, as the
+``read:`` block chooses its planes) before anything is written: a file with more channels, Z planes, time
+points or scenes than chosen is refused with one line saying what it holds. Problems are listed in
+``<out_dir>/rejected.tsv`` (columns ``path, reason``); unless ``max_bad_fraction`` allows skipping them,
+one :class:`InputError` reports them all.
 
-The output ``<out_dir>/images.tsv`` has ``image_id, group, path, labels`` then the extra columns, with
-**absolute** paths (images are not copied, so the table stays valid wherever ``out_dir`` lies). A rerun
-first removes the ``images.tsv`` and ``rejected.tsv`` of an earlier run, so a failed rerun never leaves an
-earlier ``images.tsv`` behind for the next stage. An image listed more than once (in one group or in
-several) is kept but warned about, naming the file and its groups: it could end up in two splits.
+The output ``<out_dir>/images.tsv`` has ``image_id, group, path, labels``, the extra columns, then
+``pixel_size_um_x, pixel_size_um_y`` (empty where the file does not say) and, with ``scene: all``, a
+``scene`` column (each scene its own field, ``<image_id>_s<k>``). Paths are **absolute** (images are not
+copied, so the table stays valid wherever ``out_dir`` lies). ``<out_dir>/read.json`` records how the crop
+stage reads the fields (:class:`preprocessing.microscopy.ReadSpec`: the ``read:`` block, the intensity
+range of each channel; percentiles are computed here over the ``train`` rows of a ``split`` column, else
+over all images). A rerun first removes the ``images.tsv``, ``rejected.tsv`` and ``read.json`` of an
+earlier run, so a failed rerun never leaves an earlier ``images.tsv`` behind for the next stage. An image
+listed more than once (in one group or in several) is kept but warned about, naming the file and its
+groups: it could end up in two splits.
 """
 
 from __future__ import annotations
@@ -34,11 +41,21 @@ from preprocessing.io import (
     DEFAULT_MAX_BAD_FRACTION,
     IMAGES_COLUMNS,
     check_rejected,
-    read_image,
     read_table,
     resolve_path,
     split_labels,
+    write_json,
     write_tsv,
+)
+from preprocessing.microscopy import (
+    READ_JSON,
+    FileInfo,
+    ReadParams,
+    ReadSpec,
+    inspect_file,
+    percentile_ranges,
+    spec_ranges,
+    summary_line,
 )
 from preprocessing.store import SPLITS
 
@@ -57,6 +74,7 @@ def prepare_folder(
     image_root: str | os.PathLike[str] | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     workers: int = 1,
+    read: ReadParams | dict | None = None,
 ) -> pd.DataFrame:
     """Check every image listed in ``table`` and write ``<out_dir>/images.tsv``; return that table.
 
@@ -67,8 +85,10 @@ def prepare_folder(
     ``rejected.tsv`` is always written (header only when every image is fine). When the fraction of
     unusable images exceeds ``max_bad_fraction`` (default 0: none allowed), or no image is usable,
     :class:`InputError` is raised with one line and ``images.tsv`` is not written. ``workers`` threads
-    decode images in parallel.
+    decode images in parallel. ``read``: the data set's ``read:`` block (channels, z, time, scene,
+    intensity; default: none chosen).
     """
+    params = read if isinstance(read, ReadParams) else ReadParams.from_dict(read)
     table = Path(table)
     out_dir = Path(out_dir)
     _remove_earlier_outputs(out_dir, table)
@@ -82,12 +102,48 @@ def prepare_folder(
     ids = _image_ids(rows, table)
     resolved = [str(resolve_path(p.strip(), root)) for p in rows["path"]]
     _warn_repeated_images(rows, resolved, table)
-    reasons = _check_all(rows, resolved, workers)
+    checked = _check_all(rows, resolved, workers, params)
+    reasons = [r for r, _ in checked]
     out_dir.mkdir(parents=True, exist_ok=True)
     _reject_unusable(rows, reasons, table, out_dir, max_bad_fraction)
-    out = _images_table(rows, ids, resolved)
-    out = out[[r is None for r in reasons]].reset_index(drop=True)
+    keep = [r is None for r in reasons]
+    infos = [info for (_, info), k in zip(checked, keep, strict=True) if k]
+    out = _images_table(rows, ids, resolved)[keep].reset_index(drop=True)
+    spec = _read_spec(params, infos, out)
+    out = _with_read_columns(out, infos, params)
+    write_json(spec.to_dict(), out_dir / READ_JSON)
+    log.info("%s: %s", table, summary_line(infos[0], spec))
     write_tsv(out, out_dir / "images.tsv")
+    return out
+
+
+def _read_spec(params: ReadParams, infos: list[FileInfo], out: pd.DataFrame) -> ReadSpec:
+    """The spec the crop stage reads with: fixed ranges, or percentiles over the training images (the
+    ``train`` rows of a ``split`` column when there are any, else all)."""
+    names = tuple(infos[0].channel_names) if params.channels is not None else ()
+    channels = len(params.channels) if params.channels is not None else 3
+    ranges = spec_ranges(params, channels)
+    if params.intensity is not None and "percentiles" in params.intensity:
+        train = out[SPLIT_COLUMN].eq("train").to_numpy() if SPLIT_COLUMN in out.columns else None
+        pick = train if train is not None and train.any() else [True] * len(infos)
+        samples = [info.samples for info, k in zip(infos, pick, strict=True) if k]
+        ranges = percentile_ranges(samples, params.intensity["percentiles"])
+    return ReadSpec(params, ranges, names)
+
+
+def _with_read_columns(out: pd.DataFrame, infos: list[FileInfo], params: ReadParams) -> pd.DataFrame:
+    """Pixel size columns; with ``scene: all`` one row per scene (``<image_id>_s<k>``, column ``scene``)."""
+    out = out.assign(
+        pixel_size_um_x=[i.pixel_size["pixel_size_um_x"] for i in infos],
+        pixel_size_um_y=[i.pixel_size["pixel_size_um_y"] for i in infos],
+    )
+    if params.scene != "all":
+        return out
+    scenes = [i.scenes for i in infos]
+    out = out.loc[out.index.repeat([len(s) for s in scenes])].reset_index(drop=True)
+    flat = [k for s in scenes for k in s]
+    out["image_id"] = [f"{image_id}_s{k}" for image_id, k in zip(out["image_id"], flat, strict=True)]
+    out["scene"] = [str(k) for k in flat]
     return out
 
 
@@ -113,7 +169,7 @@ def _checked_splits(rows: pd.DataFrame, table: Path) -> list[str]:
 def _remove_earlier_outputs(out_dir: Path, table: Path) -> None:
     """Remove the ``images.tsv`` and ``rejected.tsv`` of an earlier run (never the input ``table``): a
     failed rerun must not leave the earlier ``images.tsv`` beside its own ``rejected.tsv``."""
-    for name in ("images.tsv", "rejected.tsv"):
+    for name in ("images.tsv", "rejected.tsv", READ_JSON):
         earlier = out_dir / name
         if earlier.resolve() == table.resolve():
             continue
@@ -174,32 +230,38 @@ def _images_table(rows: pd.DataFrame, ids: list[str], resolved: list[str]) -> pd
     return out
 
 
-def check_image(path: str | os.PathLike[str]) -> str | None:
-    """Why the image at ``path`` cannot be used (extension, missing, undecodable), or ``None`` if fine."""
-    path = Path(path)
+def check_image(path: str | os.PathLike[str], read: ReadParams | None = None) -> str | None:
+    """Why the image at ``path`` cannot be used (extension, missing, undecodable, planes not chosen), or
+    ``None`` if fine."""
+    reason, _ = _inspect(Path(path), read or ReadParams(), 0)
+    return reason
+
+
+def _inspect(path: Path, params: ReadParams, seed: int) -> tuple[str | None, FileInfo | None]:
     if path.suffix.lower() not in EXTENSIONS:
         allowed = " ".join(sorted(EXTENSIONS))
-        return f"unsupported extension {path.suffix or '(none)'!r} (accepted: {allowed})"
+        return f"unsupported extension {path.suffix or '(none)'!r} (accepted: {allowed})", None
     if not path.is_file():
-        return f"file not found ({path})" if not path.exists() else f"not a file ({path})"
+        return (f"file not found ({path})" if not path.exists() else f"not a file ({path})"), None
     try:
-        read_image(path)
+        return None, inspect_file(path, params, seed)
     except InputError as err:
         msg = str(err)
         prefix = f"{path}: "
-        return msg[len(prefix) :] if msg.startswith(prefix) else msg
-    return None
+        return (msg[len(prefix) :] if msg.startswith(prefix) else msg), None
 
 
-def _check_all(rows: pd.DataFrame, resolved: list[str], workers: int) -> list[str | None]:
-    """One reason (or ``None``) per row: empty cells first, then the image itself."""
+def _check_all(
+    rows: pd.DataFrame, resolved: list[str], workers: int, params: ReadParams
+) -> list[tuple[str | None, FileInfo | None]]:
+    """One ``(reason, info)`` per row: empty cells first, then the image itself."""
 
-    def one(i: int) -> str | None:
+    def one(i: int) -> tuple[str | None, FileInfo | None]:
         if not rows["path"].iloc[i].strip():
-            return "empty path"
+            return "empty path", None
         if not rows["group"].iloc[i].strip():
-            return "empty group"
-        return check_image(resolved[i])
+            return "empty group", None
+        return _inspect(Path(resolved[i]), params, seed=i)
 
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -44,7 +44,7 @@ checkpoint download:
         source=lambda w: ds_config(w.ds)["source"],
         options=lambda w: cli_options(
             {
-                **{k: ds_config(w.ds).get(k) for k in ("table", "image_root")},
+                **{k: ds_config(w.ds).get(k) for k in ("table", "image_root", "read")},
                 "max_bad_fraction": max_bad_fraction(w.ds),
                 "options": ds_config(w.ds).get("download"),
             }

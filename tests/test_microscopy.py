@@ -1,0 +1,284 @@
+"""Microscope files (preprocessing.microscopy) through the folder source and the crop stage: files written
+by tifffile (OME-TIFF, ImageJ hyperstacks, plain multi-page TIFF), checked on pixels: the patch channels
+equal the chosen planes, scaled as the read block says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from preprocessing.crop import CropParams, crop_shard
+from preprocessing.errors import InputError
+from preprocessing.io import read_images_table
+from preprocessing.microscopy import ReadParams, open_stack
+from preprocessing.sources.folder import prepare_folder
+
+NAMES = ["DAPI", "GFP", "mCherry", "Cy5"]
+H, W = 24, 32
+
+
+def planes(seed: int, shape: tuple[int, ...] = (5, 4, H, W)) -> np.ndarray:
+    """Random 12-bit camera values (0-4095) as uint16, ``shape`` (Z, C, Y, X) by default."""
+    return np.random.default_rng(seed).integers(0, 4096, shape, dtype=np.uint16)
+
+
+def write_ome(path: Path, data: np.ndarray, axes: str = "ZCYX", names: list[str] = NAMES) -> None:
+    meta = {"axes": axes, "Channel": {"Name": names}, "PhysicalSizeX": 0.325, "PhysicalSizeY": 0.33}
+    tifffile.imwrite(path, data, ome=True, metadata=meta, photometric="minisblack")
+
+
+def folder(tmp_path: Path, files: dict[str, np.ndarray], write=write_ome) -> Path:
+    """Files written with ``write``, two per group, and the folder source's table listing them."""
+    rows = ["path\tgroup\tlabels"]
+    for i, (name, data) in enumerate(files.items()):
+        write(tmp_path / name, data)
+        rows.append(f"{name}\tG{i // 2}\t{'hit' if i % 2 else ''}")
+    (tmp_path / "plate.tsv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "plate.tsv"
+
+
+def crop_whole(tmp_path: Path, out: Path) -> tuple[np.ndarray, zarr.Group]:
+    """The crop stage on the folder's images.tsv, each field one instance at its own size (no resize)."""
+    params = CropParams(instances="whole", whole_size=(H, W))
+    crop_shard(out / "images.tsv", 0, 1, tmp_path / "p.zarr", tmp_path / "p.tsv", params)
+    group = zarr.open_group(tmp_path / "p.zarr", mode="r")
+    return group["patches"][:], group
+
+
+def scaled(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Independent reference of the intensity scaling: lo -> 0, hi -> 255, rounded, clipped."""
+    return np.clip(np.round((values.astype(np.float64) - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+
+
+def test_an_ome_tiff_says_what_it_holds(tmp_path):
+    write_ome(tmp_path / "a.ome.tif", planes(0))
+    stack = open_stack(tmp_path / "a.ome.tif")
+    assert stack.format == "OME-TIFF" and stack.data.shape == (1, 1, 4, 5, H, W)
+    assert stack.channel_names == NAMES and stack.pixel_size_um == pytest.approx((0.325, 0.33))
+    assert stack.describe() == "4 channels (DAPI, GFP, mCherry, Cy5) × 5 Z"
+
+
+def test_planes_not_chosen_are_refused_naming_what_the_file_holds(tmp_path):
+    table = folder(tmp_path, {f"f{i}.ome.tif": planes(i) for i in range(2)})
+    with pytest.raises(InputError) as err:
+        prepare_folder(table, tmp_path / "out")
+    assert "4 channels (DAPI, GFP, mCherry, Cy5) × 5 Z: set read.channels and read.z" in str(err.value)
+    assert "\n" not in str(err.value)
+    plain = folder(
+        tmp_path, {"g0.tif": planes(0, (2, H, W)), "g1.tif": planes(1, (2, H, W))}, tifffile.imwrite
+    )
+    with pytest.raises(InputError, match=r"2 pages: set read.channels"):  # a 16-bit 2-channel TIFF: not cut
+        prepare_folder(plain, tmp_path / "out2")
+
+
+def test_chosen_channels_and_z_are_the_patch_channels(tmp_path):
+    data = {f"f{i}.ome.tif": planes(i) for i in range(4)}
+    table = folder(tmp_path, data)
+    read = {"channels": ["gfp", 0], "z": 2, "intensity": {"range": [0, 4095]}}  # names case-insensitive
+    out = prepare_folder(table, tmp_path / "out", read=read)
+    assert list(out["pixel_size_um_x"]) == ["0.325"] * 4 and list(out["pixel_size_um_y"]) == ["0.33"] * 4
+    spec = json.loads((tmp_path / "out/read.json").read_text())
+    assert spec["ranges"] == [[0, 4095], [0, 4095]] and spec["channel_names"] == ["GFP", "DAPI"]
+    patches, group = crop_whole(tmp_path, tmp_path / "out")
+    assert patches.shape == (4, 2, H, W) and group.attrs["read"] == spec
+    for k, values in enumerate(data.values()):
+        assert np.array_equal(patches[k], scaled(values[2][[1, 0]], 0, 4095))  # (GFP, DAPI) at z 2
+
+
+@pytest.mark.parametrize("z", ["max", "mean"])
+def test_z_projections(tmp_path, z):
+    data = {f"f{i}.ome.tif": planes(i) for i in range(2)}
+    read = {"channels": ["Cy5"], "z": z, "intensity": {"range": [100, 4000]}}
+    prepare_folder(folder(tmp_path, data), tmp_path / "out", read=read)
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    for k, values in enumerate(data.values()):
+        cy5 = values[:, 3].astype(np.float64)  # (Z, Y, X)
+        expected = scaled(cy5.max(axis=0) if z == "max" else cy5.mean(axis=0), 100, 4000)
+        assert np.array_equal(patches[k, 0], expected)
+
+
+def test_time_and_scenes(tmp_path):
+    """ImageJ hyperstack time points, and OME scenes: `scene: all` makes each scene its own field."""
+    stack = planes(5, (3, 2, 2, H, W))  # (T, Z, C, Y, X)
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(
+        path, stack, imagej=True, resolution=(2.0, 2.0), metadata={"axes": "TZCYX", "unit": "um"}
+    )
+    held = open_stack(path)
+    assert held.format == "ImageJ TIFF" and held.describe() == "2 channels × 2 Z × 3 time points"
+    assert held.pixel_size_um == pytest.approx((0.5, 0.5))
+    scenes = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(scenes, ome=True) as tif:
+        for k in range(2):
+            tif.write(
+                planes(10 + k, (2, H, W)), metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "GFP"]}}
+            )
+    (tmp_path / "t.tsv").write_text(f"path\tgroup\tlabels\n{path}\tG0\thit\n")
+    read = {"channels": [1], "z": 1, "time": 2, "intensity": {"range": [0, 4095]}}
+    prepare_folder(tmp_path / "t.tsv", tmp_path / "out", read=read)
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    assert np.array_equal(patches[0, 0], scaled(stack[2, 1, 1], 0, 4095))  # time 2, Z 1, channel 1
+    (tmp_path / "s.tsv").write_text(f"path\tgroup\tlabels\n{scenes}\tG1\t\n")
+    read = {"channels": ["GFP"], "scene": "all", "intensity": {"range": [0, 4095]}}
+    out = prepare_folder(tmp_path / "s.tsv", tmp_path / "out2", read=read)
+    assert list(out["image_id"]) == ["s.ome_s0", "s.ome_s1"] and list(out["scene"]) == ["0", "1"]
+    patches, _ = crop_whole(tmp_path, tmp_path / "out2")
+    for k in range(2):
+        assert np.array_equal(patches[k, 0], scaled(planes(10 + k, (2, H, W))[1], 0, 4095))
+
+
+def test_percentiles_are_computed_once_over_the_training_images(tmp_path):
+    data = {f"f{i}.ome.tif": planes(i) * (1 + 3 * (i >= 2)) for i in range(4)}  # test images brighter
+    table = folder(tmp_path, data)
+    text = table.read_text().splitlines()
+    table.write_text(
+        "\n".join(
+            [text[0] + "\tsplit"] + [f"{r}\t{'train' if i < 2 else 'test'}" for i, r in enumerate(text[1:])]
+        )
+        + "\n"
+    )
+    read = {"channels": ["DAPI"], "z": 0, "intensity": {"percentiles": [1, 99]}}
+    prepare_folder(table, tmp_path / "out", read=read)
+    ((lo, hi),) = json.loads((tmp_path / "out/read.json").read_text())["ranges"]
+    train = np.concatenate([v[0, 0].ravel() for v in list(data.values())[:2]]).astype(np.float64)
+    assert (lo, hi) == pytest.approx((np.percentile(train, 1), np.percentile(train, 99)))
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    assert np.array_equal(patches[3, 0], scaled(list(data.values())[3][0, 0], lo, hi))  # the same range
+
+
+def test_unscaled_floats_and_unknown_channels_are_refused(tmp_path):
+    floats = folder(
+        tmp_path, {"a.ome.tif": planes(0).astype(np.float32), "b.ome.tif": planes(1).astype(np.float32)}
+    )
+    with pytest.raises(InputError, match=r"float32 pixels .*: set read.intensity"):
+        prepare_folder(floats, tmp_path / "o1", read={"channels": ["DAPI"], "z": 0})
+    with pytest.raises(InputError, match=r"no channel named 'YFP' \(4 channels \(DAPI, GFP"):
+        prepare_folder(floats, tmp_path / "o2", read={"channels": ["YFP"], "z": 0})
+    with pytest.raises(InputError, match=r"read.z must be an index, max or mean"):
+        ReadParams.from_dict({"z": "median"})
+
+
+def test_rgb_files_read_as_before(tmp_path):
+    """No read block, an 8-bit RGB TIFF and PNG: three channels, pixels as they are."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "b.tif", rgb, photometric="rgb")
+    (tmp_path / "plate.tsv").write_text("path\tgroup\tlabels\na.png\tG0\thit\nb.tif\tG1\t\n")
+    prepare_folder(tmp_path / "plate.tsv", tmp_path / "out")
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    assert patches.shape == (2, 3, H, W)
+    assert np.array_equal(patches[0], rgb.transpose(2, 0, 1)) and np.array_equal(patches[1], patches[0])
+    assert read_images_table(tmp_path / "out/images.tsv")["pixel_size_um_x"].tolist() == ["", ""]
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 5])
+def test_backbone_adapts_rgb_weights_as_timm_does(in_chans):
+    """timm's adapt_input_conv, written out independently: one channel sums RGB; more repeat RGB cyclically,
+    scaled by 3 / C."""
+    from hamil.models.backbone import adapt_input_conv
+
+    weight = torch.randn(64, 3, 7, 7, dtype=torch.float64)
+    got = adapt_input_conv(in_chans, weight)
+    if in_chans == 1:
+        expected = weight[:, 0:1] + weight[:, 1:2] + weight[:, 2:3]
+    else:
+        expected = torch.stack([weight[:, c % 3] for c in range(in_chans)], dim=1) * 3 / in_chans
+    assert got.shape == (64, in_chans, 7, 7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # float64: sums of three terms
+
+
+def test_two_channel_ome_tiffs_train_and_predict_through_the_cli(tmp_path, caplog):
+    """download folder --read, crop, bags, train (a 2-channel backbone), predict: the checkpoint carries
+    the read spec and pixel size, predict reads new files the same way and warns on another pixel size."""
+    from hamil.checkpoint import load_checkpoint
+    from hamil.cli import main
+
+    rows = ["path\tgroup\tlabels"]
+    for g in range(12):
+        for f in range(2):
+            data = planes(100 + 2 * g + f, (3, 2, H, W))  # (Z, C, Y, X)
+            if g % 2:
+                data[:, 1, 8:16, 8:20] = 4000  # a bright GFP blob marks a hit
+            write_ome(tmp_path / f"g{g}_{f}.ome.tif", data, names=["DAPI", "GFP"])
+            rows.append(f"g{g}_{f}.ome.tif\tG{g:02d}\t{'hit' if g % 2 else ''}")
+    (tmp_path / "plate.tsv").write_text("\n".join(rows) + "\n")
+    raw, shard, store, run = tmp_path / "raw", tmp_path / "patches", tmp_path / "ds.zarr", tmp_path / "run"
+    read = json.dumps({"channels": ["GFP", "DAPI"], "z": "max", "intensity": {"range": [0, 4095]}})
+    caplog.set_level("INFO")
+    assert (
+        main(
+            ["download", "folder", "--table", str(tmp_path / "plate.tsv"), "--out", str(raw), "--read", read]
+        )
+        == 0
+    )
+    assert "OME-TIFF, 2 channels (DAPI, GFP) × 3 Z; using GFP, DAPI at z max, range 0-4095" in caplog.text
+    crop = ["crop", "--images", str(raw / "images.tsv"), "--out-zarr", str(shard / "0.zarr")]
+    assert (
+        main([*crop, "--out-tsv", str(shard / "0.tsv"), "--instances", "whole", "--whole-size", "24", "32"])
+        == 0
+    )
+    bags = [
+        "bags",
+        "--tables",
+        str(shard / "0.tsv"),
+        "--stores",
+        str(shard / "0.zarr"),
+        "--out-store",
+        str(store),
+    ]
+    assert (
+        main(
+            [
+                *bags,
+                "--out-table",
+                str(tmp_path / "bags.tsv"),
+                "--keep-unlabelled",
+                "--split-ratio",
+                "2",
+                "1",
+                "1",
+            ]
+        )
+        == 0
+    )
+    train = ["train", "--store", str(store), "--out-dir", str(run), "--model", "mean", "--epochs", "1"]
+    assert main([*train, "--batch-bags", "4", "--threads", "1", "--no-augment"]) == 0
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["model"]["backbone.trunk.0.weight"].shape[1] == 2
+    attrs = ckpt["store_attrs"]
+    assert attrs["read"]["channel_names"] == ["GFP", "DAPI"] and attrs["pixel_sizes_um"] == [[0.325, 0.33]]
+    # a new file at another pixel size: read as in training, with a warning
+    data = planes(7, (3, 2, H, W))
+    meta = {
+        "axes": "ZCYX",
+        "Channel": {"Name": ["DAPI", "GFP"]},
+        "PhysicalSizeX": 0.65,
+        "PhysicalSizeY": 0.65,
+    }
+    tifffile.imwrite(tmp_path / "new.ome.tif", data, ome=True, metadata=meta, photometric="minisblack")
+    (tmp_path / "new.tsv").write_text(f"path\tbag\n{tmp_path / 'new.ome.tif'}\tnew\n")
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--inputs",
+                str(tmp_path / "new.tsv"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "pixel size 0.65 x 0.65 µm, the training fields had [(0.325, 0.33)]" in caplog.text
+    assert (out / "predictions.tsv").read_text().count("\n") == 2  # header and the one bag
