@@ -8,6 +8,7 @@ and ``instances.tsv`` in the layouts of :mod:`hamil.tables`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from hamil.tables import instance_table, prediction_table
 from preprocessing.errors import InputError
 from preprocessing.io import write_json, write_tsv
 from preprocessing.store import BagStore
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.tsv"
@@ -91,6 +94,7 @@ def evaluate(
         model, make_loader(BagDataset(store, bags), batch_bags, False, 0), dev, features=False
     )
     y, probs = explained.labels, explained.probs  # (B, K), (B, K)
+    warn_one_class_split(y, store.class_names, split)
     tuned = None
     if tune_split is not None and len(store.bags_in(tune_split)):
         tune_loader = make_loader(BagDataset(store, store.bags_in(tune_split)), batch_bags, False, 0)
@@ -118,6 +122,25 @@ def evaluate(
     write_tsv(per_class, out / PER_CLASS_FILE)
     write_json(metrics, out / METRICS_FILE)
     return metrics
+
+
+def warn_one_class_split(labels: np.ndarray, class_names: list[str], split: str) -> list[str]:
+    """Warn about the classes whose bags in ``split`` are all positive or all negative: their AUC is
+    undefined (left out of the macro AUC) and their F1 says little; return those classes."""
+    positives = labels.sum(axis=0)  # (K,)
+    one_sided = [c for c, n in zip(class_names, positives, strict=True) if n == 0 or n == len(labels)]
+    if one_sided:
+        shown = ", ".join(one_sided[:5]) + (f" and {len(one_sided) - 5} more" if len(one_sided) > 5 else "")
+        log.warning(
+            "%s split: %d bags; %d of %d classes hold only positives or only negatives (%s): their AUC is "
+            "undefined and the macro AUC leaves them out",
+            split,
+            len(labels),
+            len(one_sided),
+            len(class_names),
+            shown,
+        )
+    return one_sided
 
 
 def _instances_table(store: BagStore, explained: Explained) -> pd.DataFrame:

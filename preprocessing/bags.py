@@ -168,6 +168,7 @@ def build_bags(
         "patches": len(picked),
         "groups": len(kept),
         "groups_dropped_without_label": len(group_labels) - len(kept),
+        "groups_without_patches": groups_without_patches(shard_tables, set(group_labels)),
         "groups_with_given_split": len(given),
         "groups_given_per_split": {s: sum(v == i for v in given.values()) for i, s in enumerate(SPLITS)},
         **cut,
@@ -318,6 +319,29 @@ def pixel_sizes(patches: pd.DataFrame) -> list[list[float]]:
     pairs = patches[["pixel_size_um_x", "pixel_size_um_y"]].astype(str)
     known = {(float(x), float(y)) for x, y in pairs.itertuples(index=False) if x.strip() and y.strip()}
     return [list(p) for p in sorted(known)]
+
+
+def groups_without_patches(shard_tables: Sequence[str | os.PathLike[str]], with_patches: set[str]) -> int:
+    """How many groups the crop stage saw (its ``<shard>.json`` beside each table) that got no patch in any
+    shard: their bags are gone; a warning names the count (0 when the shards record no groups)."""
+    seen: set[str] = set()
+    for table in shard_tables:
+        stats = Path(table).with_suffix(".json")
+        if stats.is_file():
+            try:
+                seen.update(json.loads(stats.read_text()).get("groups") or [])
+            except (OSError, ValueError):
+                continue  # stats are a report, not an input: an unreadable one only loses this count
+    missing = len(seen - with_patches)
+    if missing:
+        log.warning(
+            "%s: %d of %d groups got no patch in any shard (no cell found or nothing readable): they have "
+            "no bag",
+            Path(shard_tables[0]).parent,
+            missing,
+            len(seen),
+        )
+    return missing
 
 
 def shard_crop_params(shard_stores: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | None:

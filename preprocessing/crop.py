@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import multiprocessing
 import time
 from collections.abc import Iterator, Mapping
@@ -41,6 +42,8 @@ from preprocessing.options import opt
 from preprocessing.proposals import BACKENDS, OPENCV_MODES, propose_boxes
 from preprocessing.seeded import THRESHOLDS
 from preprocessing.store import create_patch_array
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -351,6 +354,7 @@ def crop_shard(
     extra = [c for c in table.columns if c not in IMAGES_COLUMNS]
     write_tsv(pd.DataFrame(run.records, columns=[*PATCH_COLUMNS, *extra]), out_tsv)
     stats = _stats(shard, num_shards, len(rows), run, truth is not None, params)
+    stats.update(_patch_yield(rows, run, str(images_tsv), shard))
     stats["seconds"] = round(time.perf_counter() - start, 3)
     write_json(stats, out_tsv.with_name(f"{out_tsv.stem}.json"))
     return stats
@@ -389,6 +393,30 @@ def _crop_rows(
             true = truth.get(result.image_id, np.zeros((0, 4), np.int64))
             run.hits[result.image_id] = (int(bx.matched(result.boxes, true).sum()), len(true))
     return run
+
+
+#: warn when more than this fraction of a shard's readable fields give no patch (a bad read or crop setting)
+FEW_PATCHES_FRACTION = 0.25
+
+
+def _patch_yield(rows: pd.DataFrame, run: _ShardRun, origin: str, shard: int) -> dict[str, Any]:
+    """The shard's readable fields without any patch, and the groups it saw (the bag stage counts the
+    groups that got no patch in any shard); a warning when many fields gave none."""
+    rejected = {r["image_id"] for r in run.rejected}
+    readable = rows[~rows["image_id"].isin(rejected)]
+    with_patches = {r["image_id"] for r in run.records}
+    empty = int((~readable["image_id"].isin(with_patches)).sum())
+    if len(readable) and empty > FEW_PATCHES_FRACTION * len(readable):
+        log.warning(
+            "%s shard %d: %d of %d fields gave no patch (%d patches in all): check the read block and the "
+            "crop settings on a few fields (hamil crop-preview)",
+            origin,
+            shard,
+            empty,
+            len(readable),
+            len(run.records),
+        )
+    return {"fields_without_patches": empty, "groups": sorted(set(readable["group"]))}
 
 
 def params_from_attrs(values: Mapping[str, Any], origin: str = "crop parameters") -> CropParams:

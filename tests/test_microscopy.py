@@ -282,3 +282,83 @@ def test_two_channel_ome_tiffs_train_and_predict_through_the_cli(tmp_path, caplo
     )
     assert "pixel size 0.65 x 0.65 µm, the training fields had [(0.325, 0.33)]" in caplog.text
     assert (out / "predictions.tsv").read_text().count("\n") == 2  # header and the one bag
+
+
+# ------------------------------------------------------------------------------------------ guard rails
+
+
+def test_fields_without_patches_and_groups_without_bags_are_counted_and_warned(tmp_path, caplog):
+    """After a bad read (here: dark fields where no cell is found), the crop stage warns and counts the
+    fields without a patch, the bag stage the groups left without any bag."""
+    from PIL import Image
+
+    from preprocessing.bags import BagParams, build_bags
+
+    rng = np.random.default_rng(0)
+    rows = ["image_id\tgroup\tpath\tlabels"]
+    for g in range(8):
+        field = np.zeros((128, 128, 3), np.uint8)
+        if g < 3:  # three groups show cells: bright discs with a blue nucleus
+            for cy, cx in rng.integers(24, 104, (4, 2)):
+                cv2_disc(field, int(cx), int(cy))
+        Image.fromarray(field).save(tmp_path / f"f{g}.png")
+        rows.append(f"f{g}\tG{g}\t{tmp_path / f'f{g}.png'}\t{'a' if g % 2 else 'b'}")
+    (tmp_path / "images.tsv").write_text("\n".join(rows) + "\n")
+    caplog.set_level("WARNING")
+    params = CropParams(backend="opencv", downscale=128, patch_size=16)
+    stats = crop_shard(tmp_path / "images.tsv", 0, 1, tmp_path / "0.zarr", tmp_path / "0.tsv", params)
+    assert stats["fields_without_patches"] >= 5 and stats["groups"] == [f"G{g}" for g in range(8)]
+    assert "fields gave no patch" in caplog.text
+    bag_stats = build_bags(
+        [tmp_path / "0.tsv"], [tmp_path / "0.zarr"], tmp_path / "b.zarr", tmp_path / "b/bags.tsv",
+        BagParams(top_k=2, split_ratio=(1, 1, 1)), "folder",
+    )  # fmt: skip
+    assert (
+        bag_stats["groups_without_patches"]
+        == 8 - bag_stats["groups"] - bag_stats["groups_dropped_without_label"]
+    )
+    assert bag_stats["groups_without_patches"] >= 5 and "groups got no patch in any shard" in caplog.text
+
+
+def cv2_disc(field: np.ndarray, cx: int, cy: int) -> None:
+    import cv2
+
+    cv2.circle(field, (cx, cy), 10, (200, 180, 60), -1)
+    cv2.circle(field, (cx, cy), 4, (60, 60, 255), -1)
+
+
+def test_a_split_of_one_class_is_warned(caplog):
+    from hamil.evaluate import warn_one_class_split
+
+    caplog.set_level("WARNING")
+    labels = np.array([[1, 0], [1, 1]])  # class a: positives only; b: both
+    assert warn_one_class_split(labels, ["a", "b"], "test") == ["a"]
+    assert "test split: 2 bags; 1 of 2 classes hold only positives or only negatives (a)" in caplog.text
+    caplog.clear()
+    assert warn_one_class_split(np.array([[1, 0], [0, 1]]), ["a", "b"], "test") == [] and not caplog.text
+
+
+def test_the_readme_read_block_reaches_the_download_job(tmp_path):
+    """The README's `read:` example is valid config and reaches `hamil download folder --read` as JSON."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    section = (repo / "README.md").read_text().split("### Microscope files", 1)[1]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    read = example["datasets"]["screen"]["read"]
+    ReadParams.from_dict(read)
+    config = yaml.safe_load((repo / "config/tiny.yaml").read_text())
+    (tmp_path / "plate.tsv").write_text("path\tgroup\tlabels\n")
+    config["datasets"] = {"screen": {"source": "folder", "table": str(tmp_path / "plate.tsv"), "read": read}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(repo / "Snakefile"), "acquire"]
+    cmd += ["--directory", str(tmp_path), "--configfile", str(tmp_path / "c.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shell = next(line for line in proc.stdout.splitlines() if "hamil download folder" in line)
+    passed = json.loads(shell.split("--read '", 1)[1].split("'", 1)[0])
+    assert passed == read
