@@ -3,8 +3,9 @@ and the planes a data set's ``read:`` block chooses from it, as the ``(H, W, C)`
 cuts.
 
 TIFF, OME-TIFF and ImageJ hyperstacks are read with tifffile (channel names from the OME metadata or the
-ImageJ plane labels, pixel size from OME ``PhysicalSizeX/Y`` or the ImageJ resolution and unit); other
-formats (PNG, JPEG) with PIL, as RGB or grey. A file is held as ``(S, T, C, Z, Y, X)``.
+ImageJ plane labels, pixel size from OME ``PhysicalSizeX/Y`` or the ImageJ resolution and unit); OME-Zarr,
+ND2 and LIF (extra ``formats``) and CZI (extra ``czi``) with bioio and its plugins; other formats (PNG,
+JPEG) with PIL, as RGB or grey. A file is held as ``(S, T, C, Z, Y, X)``.
 
 Without choices (:class:`ReadParams` all ``None``) a file with one scene, one time point, one Z plane and
 1 or 3 channels is read as before (grey repeated to RGB, 16-bit scaled by its type's range); anything more
@@ -27,6 +28,13 @@ from preprocessing.errors import InputError
 __all__ = ["TIFF_SUFFIXES", "ReadParams", "Stack", "choose_planes", "open_stack", "to_uint8"]
 
 TIFF_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff"})
+#: formats read through bioio and one plugin each: suffix -> (plugin module, the extra that installs it)
+BIOIO_FORMATS: dict[str, tuple[str, str]] = {
+    ".zarr": ("bioio_ome_zarr", "formats"),  # OME-Zarr (a folder)
+    ".nd2": ("bioio_nd2", "formats"),
+    ".lif": ("bioio_lif", "formats"),
+    ".czi": ("bioio_czi", "czi"),  # GPL (aicspylibczi) and LGPL (pylibCZIrw): an extra of its own
+}
 AXES = "STCZYX"
 
 
@@ -108,10 +116,15 @@ class Stack:
 def open_stack(path: str | os.PathLike[str]) -> Stack:
     """Read a whole file (:class:`InputError`, one line naming it, when it cannot be read)."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".zarr" and path.is_dir():
+        return _open_bioio(path, suffix)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    if path.suffix.lower() in TIFF_SUFFIXES:
+    if suffix in TIFF_SUFFIXES:
         return _open_tiff(path)
+    if suffix in BIOIO_FORMATS:
+        return _open_bioio(path, suffix)
     from preprocessing.io import read_image_array  # PIL formats: the checks of read_image
 
     arr = read_image_array(path)  # (H, W) grey, (H, W, 2|3|4) with alpha or colour
@@ -140,6 +153,53 @@ def _open_tiff(path: Path) -> Stack:
         raise InputError(f"{path}: its scenes differ in shape ({', '.join(str(a.shape) for a in arrays)})")
     pages = kind == "TIFF" and arrays[0].shape[1] > 1 and "S" not in series[0].axes
     return Stack(path, kind, np.stack(arrays), names, size, pages_as_channels=pages)
+
+
+def _open_bioio(path: Path, suffix: str) -> Stack:
+    """A file of :data:`BIOIO_FORMATS` through bioio: every scene as ``(T, C, Z, Y, X)`` (RGB samples as
+    channels), channel names and the X/Y pixel size (µm) bioio reports. A missing plugin: one line naming
+    the extra to install."""
+    import importlib
+
+    module, extra = BIOIO_FORMATS[suffix]
+    try:
+        from bioio import BioImage
+
+        plugin = importlib.import_module(module)
+    except ImportError:
+        raise InputError(
+            f"{path}: reading {suffix} files needs bioio and {module.replace('_', '-')}: "
+            f"pip install -e '.[{extra}]'"
+        ) from None
+    try:
+        image = BioImage(path, reader=plugin.Reader)
+        scenes = []
+        for scene in image.scenes:
+            image.set_scene(scene)
+            scenes.append(_bioio_scene(image, path))
+        names = [str(n) for n in (image.channel_names or [])]
+        sizes = image.physical_pixel_sizes
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the plugins raise their libraries' own errors
+        raise InputError(f"{path}: unreadable {suffix} file ({_first_line(err)})") from None
+    if len({a.shape for a in scenes}) > 1:
+        raise InputError(f"{path}: its scenes differ in shape ({', '.join(str(a.shape) for a in scenes)})")
+    channels = scenes[0].shape[1]
+    names = names[:channels] + [""] * (channels - len(names[:channels]))
+    size = (float(sizes.X), float(sizes.Y)) if sizes.X and sizes.Y else None
+    return Stack(path, suffix.lstrip(".").upper(), np.stack(scenes), names, size)
+
+
+def _bioio_scene(image: Any, path: Path) -> np.ndarray:
+    """The current scene of a bioio image as ``(T, C, Z, Y, X)``; RGB samples become the channels."""
+    order = image.dims.order
+    if "S" in order and image.dims.S > 1:
+        if image.dims.C > 1:
+            raise InputError(f"{path}: both channels and RGB samples hold several planes")
+        data = np.asarray(image.get_image_data("TZYXS"))  # (T, Z, Y, X, S)
+        return np.moveaxis(data, 4, 1)  # (T, S, Z, Y, X)
+    return np.asarray(image.get_image_data("TCZYX"))  # (T, C, Z, Y, X)
 
 
 def _canonical(series: Any, path: Path, shaped: bool) -> np.ndarray:

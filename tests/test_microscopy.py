@@ -362,3 +362,62 @@ def test_the_readme_read_block_reaches_the_download_job(tmp_path):
     shell = next(line for line in proc.stdout.splitlines() if "hamil download folder" in line)
     passed = json.loads(shell.split("--read '", 1)[1].split("'", 1)[0])
     assert passed == read
+
+
+# ------------------------------------------------------------------------------------------ bioio formats
+
+
+def write_ome_zarr(path: Path, data: np.ndarray) -> None:
+    """``(C, Z, Y, X)`` as an OME-Zarr image with bioio-ome-zarr's writer (channels DAPI, GFP, 0.5 µm)."""
+    from bioio_ome_zarr.writers import Channel, OMEZarrWriter
+
+    channels = [Channel(label=n, color=c) for n, c in (("DAPI", "0000FF"), ("GFP", "00FF00"))]
+    writer = OMEZarrWriter(
+        path,
+        level_shapes=(1, *data.shape),
+        dtype=data.dtype,
+        channels=channels,
+        axes_names=["t", "c", "z", "y", "x"],
+        axes_types=["time", "channel", "space", "space", "space"],
+        axes_units=[None, None, "micrometer", "micrometer", "micrometer"],
+        physical_pixel_size=[1.0, 1.0, 2.0, 0.5, 0.5],
+    )
+    writer.write_full_volume(data[None])
+
+
+def write_czi(path: Path, data: np.ndarray) -> None:
+    """``(C, Z, Y, X)`` as a CZI with pylibCZIrw (channels DAPI, GFP, 0.5 µm)."""
+    from pylibCZIrw import czi as pyczi
+
+    with pyczi.create_czi(str(path), exist_ok=True) as doc:
+        for c in range(data.shape[0]):
+            for z in range(data.shape[1]):
+                doc.write(data=data[c, z], plane={"C": c, "Z": z, "T": 0}, scene=0)
+        doc.write_metadata(channel_names={0: "DAPI", 1: "GFP"}, scale_x=0.5e-6, scale_y=0.5e-6, scale_z=2e-6)
+
+
+@pytest.mark.parametrize(("suffix", "write"), [(".ome.zarr", write_ome_zarr), (".czi", write_czi)])
+def test_ome_zarr_and_czi_give_the_chosen_planes(tmp_path, suffix, write):
+    pytest.importorskip("bioio")
+    data = {f"f{i}{suffix}": planes(20 + i, (2, 3, H, W)) for i in range(2)}  # (C, Z, Y, X)
+    table = folder(tmp_path, data, write)
+    with pytest.raises(InputError, match=r"2 channels \(DAPI, GFP\) × 3 Z: set read.channels and read.z"):
+        prepare_folder(table, tmp_path / "refused")
+    read = {"channels": ["GFP"], "z": 1, "intensity": {"range": [0, 4095]}}
+    out = prepare_folder(table, tmp_path / "out", read=read)
+    assert list(out["pixel_size_um_x"]) == ["0.5", "0.5"]
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    for k, values in enumerate(data.values()):
+        assert np.array_equal(patches[k, 0], scaled(values[1, 1], 0, 4095))  # GFP at z 1
+
+
+def test_a_missing_format_plugin_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "a.nd2").write_bytes(b"not read: the plugin is missing")
+    monkeypatch.setitem(sys.modules, "bioio_nd2", None)  # as if `.[formats]` were not installed
+    with pytest.raises(
+        InputError,
+        match=r"a.nd2: reading .nd2 files needs bioio and bioio-nd2: pip install -e '.\[formats\]'",
+    ):
+        open_stack(tmp_path / "a.nd2")

@@ -48,6 +48,7 @@ from preprocessing.io import (
     write_tsv,
 )
 from preprocessing.microscopy import (
+    BIOIO_FORMATS,
     READ_JSON,
     FileInfo,
     ReadParams,
@@ -61,7 +62,7 @@ from preprocessing.store import SPLITS
 
 __all__ = ["EXTENSIONS", "REJECTED_COLUMNS", "REQUIRED_COLUMNS", "check_image", "prepare_folder"]
 
-EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", *BIOIO_FORMATS})
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "group", "labels")
 REJECTED_COLUMNS: tuple[str, ...] = ("path", "reason")
 
@@ -241,7 +242,7 @@ def _inspect(path: Path, params: ReadParams, seed: int) -> tuple[str | None, Fil
     if path.suffix.lower() not in EXTENSIONS:
         allowed = " ".join(sorted(EXTENSIONS))
         return f"unsupported extension {path.suffix or '(none)'!r} (accepted: {allowed})", None
-    if not path.is_file():
+    if not (path.is_file() or (path.suffix.lower() == ".zarr" and path.is_dir())):  # OME-Zarr: a folder
         return (f"file not found ({path})" if not path.exists() else f"not a file ({path})"), None
     try:
         return None, inspect_file(path, params, seed)
