@@ -86,7 +86,8 @@ def _arg_type(hint: Any) -> tuple[Callable[[str], Any], str | None]:
             return _or_none(kind), nargs  # "none" on the command line gives None
         return kind, nargs
     if typing.get_origin(hint) in (tuple, list):
-        return args[0], "*" if typing.get_origin(hint) is list else "+"
+        item, _ = _arg_type(args[0])  # e.g. str | int: the first type parses each value
+        return item, "*" if typing.get_origin(hint) is list else "+"
     if typing.get_origin(hint) is dict:
         return str, None  # a JSON object, parsed by json_object when the dataclass is built
     return hint, None

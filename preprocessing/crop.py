@@ -12,7 +12,7 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +95,15 @@ class CropParams:
     mask_background: bool = opt(True, "proposal image: background pixels (see foreground mask) set to 0")
     refine: float = opt(0.15, "also score proposals snapped to the foreground within this margin (0: off)")
     drop_border: bool = opt(False, "drop boxes touching the field's edge (cells cut by it)")
-    # channel roles (fields are RGB; a grey field, all channels equal, is nuclei only)
-    nucleus_channel: int = opt(2, "channel of the nuclear stain: 0 red, 1 green, 2 blue (HPA: 2)")
-    cytoplasm_channels: tuple[int, ...] = opt(
-        (0, 1), "seeded backend: channels showing the cell bodies (HPA: 0 1; empty: nuclei only)", nargs="*"
+    # channel roles: indices into the field's channels (RGB: 0 red, 1 green, 2 blue; a grey field, all
+    # channels equal, is nuclei only) or names of a read.channels block, made indices by resolve_roles
+    nucleus_channel: str | int = opt(
+        2, "channel of the nuclear stain: an index (0 red, 1 green, 2 blue; HPA: 2) or a read.channels name"
+    )
+    cytoplasm_channels: tuple[str | int, ...] = opt(
+        (0, 1),
+        "seeded backend: channels showing the cell bodies, indices or names (HPA: 0 1; empty: nuclei only)",
+        nargs="*",
     )
     # opencv backend
     opencv_mode: str = opt("single", "opencv backend: fast (switchToSelectiveSearchFast), single or quality")
@@ -153,18 +158,53 @@ class CropParams:
         self._check_roles_and_seeded()
 
     def _check_roles_and_seeded(self) -> None:
-        """Channel roles and seeded-backend parameters (one line naming the first bad one)."""
-        for name, channel in [("nucleus_channel", self.nucleus_channel)] + [
-            ("cytoplasm_channels", c) for c in self.cytoplasm_channels
-        ]:
-            if not 0 <= channel <= 2:
-                raise InputError(f"{name}: channel {channel} is not one of 0 (red), 1 (green), 2 (blue)")
+        """Channel roles (digits as indices) and seeded-backend parameters (one line naming the first bad
+        one; an index past the field's channels is refused when a field is cut)."""
+        object.__setattr__(self, "nucleus_channel", _role(self.nucleus_channel, "nucleus_channel"))
+        roles = tuple(_role(c, "cytoplasm_channels") for c in self.cytoplasm_channels)
+        object.__setattr__(self, "cytoplasm_channels", roles)
         if self.seeded_threshold not in THRESHOLDS:
             raise InputError(
                 f"seeded_threshold must be one of {', '.join(THRESHOLDS)}; got {self.seeded_threshold!r}"
             )
         if self.seeded_sigma < 0 or self.seeded_split <= 0:
             raise InputError("crop parameters: need seeded_sigma >= 0 and seeded_split > 0")
+
+
+def _role(channel: str | int, name: str) -> str | int:
+    """A channel role as given: an index (digits become one) or a name; one line for a negative index."""
+    if isinstance(channel, str) and channel.strip().lstrip("-").isdigit():
+        channel = int(channel)
+    if isinstance(channel, int) and channel < 0:
+        raise InputError(f"{name}: channel {channel} is negative (an index from 0, or a channel name)")
+    return channel
+
+
+def resolve_roles(params: CropParams, spec: ReadSpec | None) -> CropParams:
+    """``params`` with channel-role names made indices into the chosen channels of ``spec`` (the names
+    given in ``read.channels`` or the files' own, case-insensitively); one line for an unknown name."""
+    names = _role_names(spec)
+
+    def index(channel: str | int, name: str) -> int:
+        if isinstance(channel, int):
+            return channel
+        for i, known in enumerate(names):
+            if channel.lower() in known:
+                return i
+        given = ", ".join("/".join(sorted(k)) for k in names) or "none: the data set has no read.channels"
+        raise InputError(f"{name}: no chosen channel named {channel!r} (chosen: {given})")
+
+    nucleus = index(params.nucleus_channel, "nucleus_channel")
+    cytoplasm = tuple(index(c, "cytoplasm_channels") for c in params.cytoplasm_channels)
+    return replace(params, nucleus_channel=nucleus, cytoplasm_channels=cytoplasm)
+
+
+def _role_names(spec: ReadSpec | None) -> list[set[str]]:
+    """Per chosen channel, the lower-case names it goes by (as given in read.channels, as the file says)."""
+    if spec is None or spec.params.channels is None:
+        return []
+    files = list(spec.channel_names) + [""] * len(spec.params.channels)
+    return [{str(given).lower(), files[i].lower()} - {""} for i, given in enumerate(spec.params.channels)]
 
 
 def patch_windows(boxes: np.ndarray, shape: tuple[int, int], square: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -340,6 +380,7 @@ def crop_shard(
     rows = table.iloc[shard::num_shards].reset_index(drop=True)
     truth = _read_true_boxes(Path(boxes_tsv)) if boxes_tsv is not None else None
     spec = load_read_spec(images_tsv.parent / READ_JSON)
+    params = resolve_roles(params, spec)  # names of read.channels -> indices (recorded so in the store)
 
     with atomic_path(out_zarr) as tmp:
         run = _crop_rows(rows, tmp, params, workers, truth, spec)

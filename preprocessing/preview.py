@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -18,9 +19,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from preprocessing.crop import CropParams, crop_field  # noqa: E402
+from preprocessing.crop import (  # noqa: E402
+    CropParams,
+    crop_field,
+    load_read_spec,
+    proposal_view,
+    read_shard_field,
+    resolve_roles,
+)
 from preprocessing.errors import InputError  # noqa: E402
-from preprocessing.io import atomic_path, read_image, read_images_table  # noqa: E402
+from preprocessing.io import atomic_path, read_images_table  # noqa: E402
+from preprocessing.microscopy import READ_JSON, ReadSpec  # noqa: E402
 
 BOX_COLOUR = (255, 255, 0)  # yellow
 PANEL = 512  # px: longest side of a field in the figure
@@ -45,11 +54,12 @@ def preview_crop(
     if not named:
         raise InputError("crop preview: no fields (the tables are empty)")
     panels, counts = [], {}
-    for name, path in named:
-        field = read_image(path)  # (H, W, 3)
-        boxes = crop_field(field, params)[0]  # (n, 4)
+    for name, row, spec in named:
+        field = read_shard_field(row, spec)  # (H, W, C), as the crop stage reads it
+        boxes = crop_field(field, resolve_roles(params, spec))[0]  # (n, 4)
         counts[name] = len(boxes)
-        panels.append((f"{name}: {len(boxes)} boxes", draw_boxes(field, boxes)))
+        shown = proposal_view(field, replace(params, backend="opencv"))  # (H, W, 3)
+        panels.append((f"{name}: {len(boxes)} boxes", draw_boxes(shown, boxes)))
     _save_panels(panels, Path(dest), title=f"crop preview, backend {params.backend}")
     return counts
 
@@ -71,16 +81,17 @@ def draw_boxes(field: np.ndarray, boxes: np.ndarray, panel: int = PANEL) -> np.n
     return out
 
 
-def _field_paths(fields: Sequence[str | os.PathLike[str]]) -> list[tuple[str, Path]]:
-    """(name, image path) of each field: image files as given, the rows of ``.tsv`` tables."""
+def _field_paths(fields: Sequence[str | os.PathLike[str]]) -> list[tuple[str, dict, ReadSpec | None]]:
+    """(name, row, read spec) of each field: image files as given (RGB), the rows of ``.tsv`` tables with
+    the ``read.json`` beside them."""
     out = []
     for item in fields:
         path = Path(item)
         if path.suffix.lower() == ".tsv":
-            table = read_images_table(path)
-            out += [(str(r.image_id), Path(r.path)) for r in table.itertuples()]
+            spec = load_read_spec(path.parent / READ_JSON)
+            out += [(str(r["image_id"]), r, spec) for r in read_images_table(path).to_dict("records")]
         else:
-            out.append((path.name, path))
+            out.append((path.name, {"path": str(path)}, None))
     return out
 
 

@@ -421,3 +421,18 @@ def test_a_missing_format_plugin_names_the_extra(tmp_path, monkeypatch):
         match=r"a.nd2: reading .nd2 files needs bioio and bioio-nd2: pip install -e '.\[formats\]'",
     ):
         open_stack(tmp_path / "a.nd2")
+
+
+def test_channel_roles_by_name_become_indices_of_the_chosen_channels(tmp_path):
+    data = {f"f{i}.ome.tif": planes(30 + i) for i in range(2)}
+    read = {"channels": ["GFP", 0], "z": 0, "intensity": {"range": [0, 4095]}}  # GFP, then DAPI by index
+    prepare_folder(folder(tmp_path, data), tmp_path / "out", read=read)
+    images = tmp_path / "out/images.tsv"
+    params = CropParams(backend="seeded", nucleus_channel="dapi", cytoplasm_channels=("GFP",), downscale=32)
+    crop_shard(images, 0, 1, tmp_path / "s.zarr", tmp_path / "s.tsv", params)
+    recorded = zarr.open_group(tmp_path / "s.zarr", mode="r").attrs["params"]
+    assert (recorded["nucleus_channel"], recorded["cytoplasm_channels"]) == (1, [0])  # the store's order
+    with pytest.raises(
+        InputError, match=r"nucleus_channel: no chosen channel named 'Cy5' \(chosen: gfp, 0/dapi\)"
+    ):
+        crop_shard(images, 0, 1, tmp_path / "t.zarr", tmp_path / "t.tsv", CropParams(nucleus_channel="Cy5"))

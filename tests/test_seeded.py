@@ -170,10 +170,11 @@ def test_empty_fields_have_no_boxes(field: np.ndarray) -> None:
 
 
 def test_bad_channel_roles_are_one_line() -> None:
-    with pytest.raises(InputError, match="nucleus_channel: channel 3"):
-        CropParams(backend="seeded", nucleus_channel=3)
-    with pytest.raises(InputError, match="cytoplasm_channels: channel -1"):
+    with pytest.raises(InputError, match="channel index 3 out of range for a field with 3 channels"):
+        propose_boxes(np.zeros((64, 64, 3), np.uint8), CropParams(backend="seeded", nucleus_channel=3))
+    with pytest.raises(InputError, match="cytoplasm_channels: channel -1 is negative"):
         CropParams(cytoplasm_channels=(0, -1))
+    assert CropParams(nucleus_channel="2", cytoplasm_channels=("0", "GFP")).cytoplasm_channels == (0, "GFP")
     with pytest.raises(InputError, match="seeded_threshold"):
         CropParams(seeded_threshold="otsu2")
     with pytest.raises(InputError, match="seeded_split"):
@@ -253,8 +254,11 @@ def test_seeded_recall_on_dense_fields(dense: Path, tmp_path: Path) -> None:
 def test_cli_channel_roles() -> None:
     parser = build_parser()
     base = ["crop", "--images", "i.tsv", "--out-zarr", "o.zarr", "--out-tsv", "o.tsv", "--backend", "seeded"]
-    args = parser.parse_args([*base, "--nucleus-channel", "0", "--cytoplasm-channels", "1", "2"])
-    assert (args.nucleus_channel, args.cytoplasm_channels) == (0, [1, 2])
+    args = parser.parse_args([*base, "--nucleus-channel", "0", "--cytoplasm-channels", "1", "GFP"])
+    params = CropParams(
+        nucleus_channel=args.nucleus_channel, cytoplasm_channels=tuple(args.cytoplasm_channels)
+    )
+    assert (params.nucleus_channel, params.cytoplasm_channels) == (0, (1, "GFP"))  # indices, or names
     assert parser.parse_args([*base, "--cytoplasm-channels"]).cytoplasm_channels == []  # nuclei only
 
 
@@ -269,7 +273,7 @@ def test_schema_accepts_the_seeded_options() -> None:
     )
     config["datasets"]["tiny"]["synthetic"]["touching"] = 0.1
     jsonschema.validate(config, schema)
-    config["datasets"]["tiny"]["crop"]["nucleus_channel"] = 3
+    config["datasets"]["tiny"]["crop"]["nucleus_channel"] = -1  # 3 is fine: fields may have more channels
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(config, schema)
 
@@ -287,7 +291,8 @@ def test_a_data_set_selects_the_seeded_backend(tmp_path: Path) -> None:
     lines = [line.split("hamil crop ", 1)[1] for line in proc.stdout.splitlines() if "hamil crop " in line]
     assert len(lines) == 2  # two shards
     args = build_parser().parse_args(["crop", *shlex.split(lines[0].split(" > ")[0])])
-    assert (args.backend, args.nucleus_channel, args.cytoplasm_channels) == ("seeded", 0, [])
+    assert (args.backend, args.nucleus_channel, args.cytoplasm_channels) == ("seeded", "0", [])
+    assert CropParams(nucleus_channel=args.nucleus_channel).nucleus_channel == 0
 
 
 # ------------------------------------------------------------------------------------------ preview
