@@ -286,7 +286,7 @@ def warn_if_unlike_training(path: str | os.PathLike[str], spec: ReadSpec | None,
     if spec is None:
         return
     stack = open_stack(path)
-    if spec.channel_names:
+    if any(spec.channel_names):  # the training files named their channels
         names = [stack.channel_names[i] for i in channel_indices(stack, spec.params)]
         if [n.lower() for n in names] != [n.lower() for n in spec.channel_names]:
             log.warning("%s: channels %s, the model was trained on %s", path, names, list(spec.channel_names))

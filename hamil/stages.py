@@ -73,6 +73,8 @@ class DownloadJob:
 
     def __post_init__(self) -> None:
         check_fraction(self.max_bad_fraction)
+        if self.read and self.source != "folder":
+            raise InputError(f"hamil download {self.source}: --read is for the folder source (own files)")
         if self.read:
             from preprocessing.microscopy import ReadParams
 

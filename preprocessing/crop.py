@@ -280,24 +280,35 @@ def crop_field(field: np.ndarray, params: CropParams) -> tuple[np.ndarray, np.nd
         patch = cv2.resize(field, (width, height), interpolation=cv2.INTER_AREA)  # (H, W, C)
         patch = patch.reshape(height, width, field.shape[2])  # OpenCV drops a single channel's axis
         return box, box, patch.transpose(2, 0, 1)[None]  # (1, C, H, W)
-    boxes = propose_boxes(proposal_view(field, params), params)  # (n, 4)
+    view, roles = proposal_view(field, params)
+    boxes = propose_boxes(view, roles)  # (n, 4)
     _, clipped = patch_windows(boxes, field.shape[:2], params.square)
     patches = cut_patches(field, boxes, params.patch_size, params.square)  # (n, C, P, P)
     return boxes, clipped, patches
 
 
-def proposal_view(field: np.ndarray, params: CropParams) -> np.ndarray:
-    """What the box finders see of a field ``(H, W, C)``: the seeded backend all channels (its roles index
-    them); OpenCV and selective search, which take colour images, three: grey repeated, a second channel's
-    blue left black, the first three of more."""
+def proposal_view(field: np.ndarray, params: CropParams) -> tuple[np.ndarray, CropParams]:
+    """What the box finders see of a field ``(H, W, C)``, and the roles pointing into it: the seeded backend
+    all channels (its roles index them); OpenCV and selective search, which take colour images, three:
+    grey repeated, a second channel's third left black, of more channels two others and the nucleus
+    channel last. A role past the field's channels is one line."""
     channels = field.shape[2]
+    bad = [c for c in (params.nucleus_channel, *params.cytoplasm_channels) if not 0 <= int(c) < channels]
+    if bad and (params.backend != "seeded" or channels != 3):
+        raise InputError(
+            f"channel role {bad[0]} out of range for fields of {channels} channels: set crop.nucleus_channel "
+            "(and cytoplasm_channels) to the chosen channels"
+        )
     if params.backend == "seeded" or channels == 3:
-        return field
+        return field, params
     if channels == 1:
-        return np.repeat(field, 3, axis=2)
+        return np.repeat(field, 3, axis=2), params
     if channels == 2:
-        return np.concatenate([field, np.zeros_like(field[:, :, :1])], axis=2)
-    return np.ascontiguousarray(field[:, :, :3])
+        return np.concatenate([field, np.zeros_like(field[:, :, :1])], axis=2), params
+    nucleus = int(params.nucleus_channel)
+    others = [c for c in range(channels) if c != nucleus][:2]
+    view = np.ascontiguousarray(field[:, :, [*others, nucleus]])  # (H, W, 3), the nucleus last
+    return view, replace(params, nucleus_channel=2)
 
 
 def read_shard_field(row: dict[str, str], spec: ReadSpec | None) -> np.ndarray:
@@ -305,8 +316,9 @@ def read_shard_field(row: dict[str, str], spec: ReadSpec | None) -> np.ndarray:
     as :func:`preprocessing.io.read_image` (RGB)."""
     if spec is None:
         return read_image(row["path"])
-    scene = row.get("scene") or None
-    return read_field(row["path"], spec, int(scene) if scene is not None else None)
+    if spec.params.scene == "all":  # the folder source's `scene` column: which scene this field is
+        return read_field(row["path"], spec, int(row["scene"]))
+    return read_field(row["path"], spec)
 
 
 def _process_field(row: dict[str, str], params: CropParams, spec: ReadSpec | None) -> _FieldResult:

@@ -102,6 +102,14 @@ class Stack:
     channel_names: list[str] = field(default_factory=list)  # len C; "" where unnamed
     pixel_size_um: tuple[float, float] | None = None  # (x, y)
     pages_as_channels: bool = False  # a plain multi-page TIFF: its pages are taken as channels
+    samples: bool = False  # the channels are samples of one plane (RGB, RGBA, CMYK)
+
+    @property
+    def single_plane(self) -> bool:
+        """One scene, time point and Z plane, whose channels are grey or the samples of one colour image:
+        what :func:`preprocessing.io.read_image` reads whole (without a ``read:`` block)."""
+        s, t, c, z = self.data.shape[:4]
+        return s == t == z == 1 and (c == 1 or (self.samples and c in (2, 3, 4)))
 
     def describe(self) -> str:
         """E.g. ``"4 channels (DAPI, GFP, mCherry, Cy5) × 5 Z"``: the dimensions larger than one."""
@@ -133,7 +141,7 @@ def open_stack(path: str | os.PathLike[str]) -> Stack:
     grey = arr.ndim == 2
     data = (arr[None] if grey else arr.transpose(2, 0, 1))[None, None, :, None]  # (1, 1, C, 1, H, W)
     names = ["grey"] if grey else ["R", "G", "B"]
-    return Stack(path, path.suffix.lstrip(".").upper(), data, names)
+    return Stack(path, path.suffix.lstrip(".").upper(), data, names, samples=not grey)
 
 
 def _open_tiff(path: Path) -> Stack:
@@ -142,17 +150,24 @@ def _open_tiff(path: Path) -> Stack:
     try:
         with tifffile.TiffFile(path) as tf:
             kind = "OME-TIFF" if tf.is_ome else "ImageJ TIFF" if tf.is_imagej else "TIFF"
+            if not tf.is_ome and len(tf.series) > 1:
+                shapes = ", ".join(str(s.shape) for s in tf.series[:4])
+                raise InputError(
+                    f"{path}: {len(tf.series)} image series ({shapes}): only OME-TIFF scenes are read"
+                )
             series = list(tf.series) if tf.is_ome else tf.series[:1]
             arrays = [_canonical(s, path, shaped=tf.is_ome or tf.is_imagej) for s in series]
             names, size = _tiff_metadata(tf, arrays[0].shape[1])  # (T, C, Z, Y, X)
-    except InputError:
-        raise
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError, tifffile.TiffFileError) as err:
+    except InputError as err:
+        msg = str(err)
+        raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except Exception as err:  # noqa: BLE001 - tifffile and its codecs (imagecodecs, zlib) raise their own
         raise InputError(f"{path}: unreadable TIFF ({_first_line(err)})") from None
     if len({a.shape for a in arrays}) > 1:
         raise InputError(f"{path}: its scenes differ in shape ({', '.join(str(a.shape) for a in arrays)})")
-    pages = kind == "TIFF" and arrays[0].shape[1] > 1 and "S" not in series[0].axes
-    return Stack(path, kind, np.stack(arrays), names, size, pages_as_channels=pages)
+    samples = "S" in series[0].axes and arrays[0].shape[1] > 1
+    pages = kind == "TIFF" and arrays[0].shape[1] > 1 and not samples
+    return Stack(path, kind, np.stack(arrays), names, size, pages_as_channels=pages, samples=samples)
 
 
 def _open_bioio(path: Path, suffix: str) -> Stack:
@@ -245,13 +260,23 @@ def _tiff_metadata(tf: Any, channels: int) -> tuple[list[str], tuple[float, floa
 
 
 def _ome_metadata(xml: str, channels: int) -> tuple[list[str], tuple[float, float] | None]:
+    """Channel names and pixel size of an OME-XML; scenes that name their channels differently (another
+    order) are refused, since one name would pick another plane in each."""
     root = ET.fromstring(xml)
     ns = {"ome": root.tag[1:].split("}")[0]} if root.tag.startswith("{") else {}
-    pixels = root.find(".//ome:Pixels", ns) if ns else root.find(".//Pixels")
-    if pixels is None:
+    every = root.findall(".//ome:Pixels", ns) if ns else root.findall(".//Pixels")
+    if not every:
         return [""] * channels, None
-    found = pixels.findall("ome:Channel", ns) if ns else pixels.findall("Channel")
-    names = [c.get("Name", "") for c in found][:channels]
+    per_scene = []
+    for pixels in every:
+        found = pixels.findall("ome:Channel", ns) if ns else pixels.findall("Channel")
+        per_scene.append(tuple(c.get("Name", "") for c in found))
+    if len(set(per_scene)) > 1:
+        raise InputError(
+            f"its scenes name their channels differently ({' / '.join(map(str, set(per_scene)))})"
+        )
+    pixels = every[0]
+    names = list(per_scene[0])[:channels]
     names += [""] * (channels - len(names))
     size = None
     if pixels.get("PhysicalSizeX") and pixels.get("PhysicalSizeY"):
@@ -305,7 +330,7 @@ def refuse_unchosen(stack: Stack, params: ReadParams) -> None:
     missing = [
         key
         for key, more, chosen in (
-            ("read.channels", c not in (1, 3), params.channels is not None),
+            ("read.channels", c not in (1, 3) or stack.pages_as_channels, params.channels is not None),
             ("read.z", z > 1, params.z is not None),
             ("read.time", t > 1, params.time is not None),
             ("read.scene", s > 1, params.scene is not None),
@@ -330,7 +355,9 @@ def choose_planes(stack: Stack, params: ReadParams) -> list[np.ndarray]:
         if params.z == "max":
             planes = planes.max(axis=1)
         elif params.z == "mean":
-            planes = planes.astype(np.float64).mean(axis=1)
+            mean = planes.astype(np.float64).mean(axis=1)
+            integer = np.issubdtype(planes.dtype, np.integer)
+            planes = np.rint(mean).astype(planes.dtype) if integer else mean  # 16-bit stays 16-bit
         else:
             planes = planes[:, 0 if params.z is None else _index(params.z, z, "z", stack)]
         out.append(planes)  # (C', Y, X)
@@ -350,8 +377,9 @@ def to_uint8(planes: np.ndarray, ranges: list[tuple[float, float]] | None, path:
     if ranges is None:
         if planes.dtype == np.uint8:
             return np.ascontiguousarray(planes.transpose(1, 2, 0))
-        if planes.dtype == np.uint16:
-            ranges = [(0.0, 65535.0)] * len(planes)
+        integer = np.issubdtype(planes.dtype, np.integer)
+        if planes.dtype == np.uint16 or (integer and planes.min() >= 0 and planes.max() <= 65535):
+            ranges = [(0.0, 65535.0)] * len(planes)  # e.g. 16-bit PNG that PIL opens as int32
         elif planes.dtype == bool:
             ranges = [(0.0, 1.0)] * len(planes)
         else:
@@ -436,8 +464,12 @@ def read_field(path: str | os.PathLike[str], spec: ReadSpec, scene: int | None =
     """One field ``(H, W, C)`` uint8 as ``spec`` reads it (``scene``: which one, for ``scene: all``);
     without chosen channels a grey file is repeated to 3 channels, as :func:`preprocessing.io.read_image`."""
     path = Path(path)
-    stack = open_stack(path)
     params = spec.params
+    if params == ReadParams():  # no read block: single-plane files as before (checked when acquired)
+        from preprocessing.io import read_image
+
+        return read_image(path)
+    stack = open_stack(path)
     if scene is not None:
         params = ReadParams(params.channels, params.z, params.time, int(scene), params.intensity)
     planes = choose_planes(stack, params)[0]  # (C', Y, X)
@@ -460,6 +492,9 @@ def sample_values(planes: np.ndarray, seed: int) -> np.ndarray:
 def percentile_ranges(samples: list[np.ndarray], percentiles: list[float]) -> tuple[tuple[float, float], ...]:
     """Per-channel ``(lo, hi)`` at the given percentiles of the pooled samples; a channel whose two
     percentiles coincide gets ``hi = lo + 1`` (constant: all 0), never a division by zero."""
+    if len({len(s) for s in samples}) > 1:
+        counts = sorted({len(s) for s in samples})
+        raise InputError(f"intensity percentiles: the files hold {counts} channels; set read.channels")
     pooled = np.concatenate(samples, axis=1)  # (C, sum k)
     lo = np.nanpercentile(pooled, float(percentiles[0]), axis=1)
     hi = np.nanpercentile(pooled, float(percentiles[1]), axis=1)
@@ -483,6 +518,8 @@ def inspect_file(path: str | os.PathLike[str], params: ReadParams, seed: int = 0
     """Read ``path`` fully as ``params`` chooses (every refusal as one :class:`InputError` line) and say what
     it holds; with percentile intensity, a sample of the chosen planes' values (first chosen scene)."""
     stack = open_stack(path)
+    if params == ReadParams():
+        return _inspect_single_plane(stack)
     planes = choose_planes(stack, params)
     ranges = spec_ranges(params, len(planes[0]))
     if params.intensity is None or ranges is not None:
@@ -503,6 +540,18 @@ def inspect_file(path: str | os.PathLike[str], params: ReadParams, seed: int = 0
         str(stack.data.dtype),
         samples,
     )
+
+
+def _inspect_single_plane(stack: Stack) -> FileInfo:
+    """Without a ``read:`` block: a single-plane file, decoded as :func:`preprocessing.io.read_image` reads
+    it (palettes, alpha, CMYK, 16-bit as before); anything more is refused with what it holds."""
+    from preprocessing.io import read_image
+
+    if not stack.single_plane:
+        refuse_unchosen(stack, ReadParams())
+        raise InputError(f"{stack.path}: {stack.describe()}: set read.channels")  # e.g. 2 channels of samples
+    read_image(stack.path)
+    return FileInfo(stack.format, stack.describe(), [0], [], pixel_size_columns(stack), str(stack.data.dtype))
 
 
 def summary_line(info: FileInfo, spec: ReadSpec) -> str:

@@ -58,7 +58,7 @@ def preview_crop(
         field = read_shard_field(row, spec)  # (H, W, C), as the crop stage reads it
         boxes = crop_field(field, resolve_roles(params, spec))[0]  # (n, 4)
         counts[name] = len(boxes)
-        shown = proposal_view(field, replace(params, backend="opencv"))  # (H, W, 3)
+        shown = proposal_view(field, replace(resolve_roles(params, spec), backend="opencv"))[0]  # (H, W, 3)
         panels.append((f"{name}: {len(boxes)} boxes", draw_boxes(shown, boxes)))
     _save_panels(panels, Path(dest), title=f"crop preview, backend {params.backend}")
     return counts

@@ -99,7 +99,9 @@ def test_z_projections(tmp_path, z):
     patches, _ = crop_whole(tmp_path, tmp_path / "out")
     for k, values in enumerate(data.values()):
         cy5 = values[:, 3].astype(np.float64)  # (Z, Y, X)
-        expected = scaled(cy5.max(axis=0) if z == "max" else cy5.mean(axis=0), 100, 4000)
+        expected = scaled(
+            cy5.max(axis=0) if z == "max" else np.rint(cy5.mean(axis=0)), 100, 4000
+        )  # mean: in uint16
         assert np.array_equal(patches[k, 0], expected)
 
 
@@ -436,3 +438,113 @@ def test_channel_roles_by_name_become_indices_of_the_chosen_channels(tmp_path):
         InputError, match=r"nucleus_channel: no chosen channel named 'Cy5' \(chosen: gfp, 0/dapi\)"
     ):
         crop_shard(images, 0, 1, tmp_path / "t.zarr", tmp_path / "t.tsv", CropParams(nucleus_channel="Cy5"))
+
+
+def test_predict_warns_when_new_files_name_other_channels(tmp_path, caplog):
+    from hamil.predict import warn_if_unlike_training
+    from preprocessing.microscopy import ReadSpec
+
+    spec = ReadSpec(ReadParams(channels=(1,), z=0), ((0.0, 4095.0),), ("GFP",))  # trained on channel 1: GFP
+    write_ome(tmp_path / "new.ome.tif", planes(0, (1, 2, H, W)), names=["DAPI", "YFP"])
+    caplog.set_level("WARNING")
+    warn_if_unlike_training(tmp_path / "new.ome.tif", spec, {"pixel_sizes_um": [[0.325, 0.33]]})
+    assert "channels ['YFP'], the model was trained on ['GFP']" in caplog.text
+    assert "pixel size" not in caplog.text  # the same pixel size
+
+
+# ------------------------------------------------------------------------------------------ review cases
+
+
+def test_single_plane_tiffs_without_a_read_block_read_as_read_image_does(tmp_path):
+    """RGBA, palette and 16-bit grey TIFFs (PIL-written) give exactly what read_image gives."""
+    from PIL import Image
+
+    from preprocessing.io import read_image
+
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (H, W, 4), dtype=np.uint8), "RGBA").save(tmp_path / "a.tif")
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).convert("P").save(tmp_path / "b.tif")
+    Image.fromarray(rng.integers(0, 65536, (H, W), dtype=np.uint16)).save(tmp_path / "c.tif")
+    (tmp_path / "plate.tsv").write_text("path\tgroup\tlabels\na.tif\tG0\thit\nb.tif\tG1\t\nc.tif\tG2\thit\n")
+    prepare_folder(tmp_path / "plate.tsv", tmp_path / "out")
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    for k, name in enumerate(("a.tif", "b.tif", "c.tif")):
+        assert np.array_equal(patches[k], read_image(tmp_path / name).transpose(2, 0, 1)), name
+
+
+def test_pages_and_series_are_never_taken_for_colours(tmp_path):
+    tifffile.imwrite(
+        tmp_path / "three.tif", planes(0, (3, H, W)), photometric="minisblack"
+    )  # 3 pages: Z or channels?
+    with pytest.raises(InputError, match=r"three.tif: 3 pages: set read.channels"):
+        open_stack_checked(tmp_path / "three.tif")
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:  # two series of other shapes
+        tif.write(planes(1, (H, W)))
+        tif.write(planes(2, (8, 8)))
+    with pytest.raises(InputError, match=r"two.tif: 2 image series .*only OME-TIFF scenes are read"):
+        open_stack(tmp_path / "two.tif")
+    (tmp_path / "bad.tif").write_bytes(tifffile_bytes()[:200])  # a truncated file
+    with pytest.raises(InputError, match=r"bad.tif: unreadable TIFF"):
+        open_stack(tmp_path / "bad.tif")
+
+
+def open_stack_checked(path: Path) -> None:
+    from preprocessing.microscopy import inspect_file
+
+    inspect_file(path, ReadParams())
+
+
+def tifffile_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, planes(3, (64, 64)), compression="zlib")
+    return buffer.getvalue()
+
+
+def test_a_mean_projection_of_16_bit_data_needs_no_range(tmp_path):
+    data = {f"f{i}.ome.tif": planes(40 + i) for i in range(2)}
+    prepare_folder(folder(tmp_path, data), tmp_path / "out", read={"channels": ["GFP"], "z": "mean"})
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    mean = np.rint(list(data.values())[0][:, 1].astype(np.float64).mean(axis=0))
+    assert np.array_equal(patches[0, 0], scaled(mean, 0, 65535))  # the type's range, as without z
+
+
+def test_a_users_scene_column_is_refused_not_read(tmp_path):
+    table = folder(tmp_path, {"f0.ome.tif": planes(0), "f1.ome.tif": planes(1)})
+    text = table.read_text().splitlines()
+    table.write_text("\n".join([text[0] + "\tscene"] + [r + "\tA1" for r in text[1:]]) + "\n")
+    with pytest.raises(InputError, match=r"column 'scene' is written by this stage"):
+        prepare_folder(table, tmp_path / "out", read={"channels": [0], "z": 0})
+
+
+def test_box_finders_see_the_nucleus_channel_of_any_field():
+    """Two channels with the default nucleus channel 2: one line; five channels, nucleus 4: the view puts
+    it last, as the RGB backends expect the nucleus in blue."""
+    from preprocessing.crop import proposal_view
+
+    two = np.zeros((32, 32, 2), np.uint8)
+    with pytest.raises(InputError, match=r"channel role 2 out of range for fields of 2 channels"):
+        proposal_view(two, CropParams())
+    five = np.stack([np.full((32, 32), v, np.uint8) for v in (10, 20, 30, 40, 50)], axis=2)
+    view, roles = proposal_view(five, CropParams(nucleus_channel=4, cytoplasm_channels=(0,)))
+    assert view[0, 0].tolist() == [10, 20, 50] and roles.nucleus_channel == 2
+
+
+def test_scenes_naming_channels_differently_are_refused(tmp_path):
+    path = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        for names in (["DAPI", "GFP"], ["GFP", "DAPI"]):
+            tif.write(planes(0, (2, H, W)), metadata={"axes": "CYX", "Channel": {"Name": names}})
+    with pytest.raises(InputError, match=r"s.ome.tif: its scenes name their channels differently"):
+        open_stack(path)
+
+
+def test_percentiles_over_files_of_other_channel_counts_are_refused(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "rgb.png")
+    (tmp_path / "plate.tsv").write_text("path\tgroup\tlabels\ngrey.png\tG0\thit\nrgb.png\tG1\t\n")
+    with pytest.raises(InputError, match=r"the files hold \[1, 3\] channels; set read.channels"):
+        prepare_folder(tmp_path / "plate.tsv", tmp_path / "out", read={"intensity": {"percentiles": [1, 99]}})

@@ -96,6 +96,9 @@ def prepare_folder(
     rows = read_table(table, REQUIRED_COLUMNS)
     if rows.empty:
         raise InputError(f"{table}: no images listed (the table has a header but no rows)")
+    reserved = [c for c in ("scene", "pixel_size_um_x", "pixel_size_um_y") if c in rows.columns]
+    if reserved:
+        raise InputError(f"{table}: column {reserved[0]!r} is written by this stage; rename it in the table")
     if SPLIT_COLUMN in rows.columns:
         rows[SPLIT_COLUMN] = _checked_splits(rows, table)
     root = (Path(image_root) if image_root is not None else table.parent).resolve()
