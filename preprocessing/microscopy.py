@@ -444,6 +444,7 @@ class ReadSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ReadSpec:
+        """From :meth:`to_dict`'s form (``read.json``; other keys, such as its ``summary``, are ignored)."""
         ranges = values.get("ranges")
         return cls(
             ReadParams.from_dict(values.get("params")),

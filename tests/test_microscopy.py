@@ -86,6 +86,10 @@ def test_chosen_channels_and_z_are_the_patch_channels(tmp_path):
     spec = json.loads((tmp_path / "out/read.json").read_text())
     assert spec["ranges"] == [[0, 4095], [0, 4095]] and spec["channel_names"] == ["GFP", "DAPI"]
     patches, group = crop_whole(tmp_path, tmp_path / "out")
+    assert (
+        spec.pop("summary")
+        == "OME-TIFF, 4 channels (DAPI, GFP, mCherry, Cy5) × 5 Z; using GFP, DAPI at z 2, range 0-4095"
+    )
     assert patches.shape == (4, 2, H, W) and group.attrs["read"] == spec
     for k, values in enumerate(data.values()):
         assert np.array_equal(patches[k], scaled(values[2][[1, 0]], 0, 4095))  # (GFP, DAPI) at z 2

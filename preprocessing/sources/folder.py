@@ -115,8 +115,9 @@ def prepare_folder(
     out = _images_table(rows, ids, resolved)[keep].reset_index(drop=True)
     spec = _read_spec(params, infos, out)
     out = _with_read_columns(out, infos, params)
-    write_json(spec.to_dict(), out_dir / READ_JSON)
-    log.info("%s: %s", table, summary_line(infos[0], spec))
+    summary = summary_line(infos[0], spec)
+    write_json({**spec.to_dict(), "summary": summary}, out_dir / READ_JSON)  # the workflow prints it
+    log.info("%s: %s", table, summary)
     write_tsv(out, out_dir / "images.tsv")
     return out
 

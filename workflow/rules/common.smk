@@ -174,6 +174,15 @@ def run_dirs(pattern):
 
 
 def print_comparisons():
+    """At the end of a run: what each own data set's files held and what was read of them (read.json),
+    then each data set's comparison table."""
+    for ds in DATASETS:
+        read = Path(f"data/raw/{ds}/read.json")
+        if read.is_file():
+            try:
+                print(f"\n{ds}: read {json.loads(read.read_text()).get('summary', '')}")
+            except (OSError, ValueError):
+                pass  # a report line only: the crop stage itself refuses an unreadable read.json
     for ds in DATASETS:
         md = Path(f"results/{ds}/comparison.md")
         if md.is_file():
