@@ -42,8 +42,8 @@ from hamil.runtime import select_device
 from hamil.tables import SKIPPED_COLUMNS, instance_table, prediction_table
 from preprocessing.crop import CropParams, crop_field, params_from_attrs
 from preprocessing.errors import InputError
-from preprocessing.io import read_image, read_table, resolve_path, split_labels, write_json, write_tsv
-from preprocessing.microscopy import ReadParams, ReadSpec, channel_indices, open_stack, read_field
+from preprocessing.io import read_table, resolve_path, split_labels, write_json, write_tsv
+from preprocessing.microscopy import ReadParams, ReadSpec, channel_indices, open_stack, read_fields
 from preprocessing.sources.folder import EXTENSIONS, check_image
 
 __all__ = [
@@ -269,17 +269,6 @@ def read_spec_of(store_attrs: dict, checkpoint: str | os.PathLike[str]) -> ReadS
         raise InputError(f"{checkpoint}: unreadable store_attrs.read ({err})") from None
 
 
-def image_fields(path: str | os.PathLike[str], spec: ReadSpec | None) -> list[np.ndarray]:
-    """The fields ``(H, W, C)`` uint8 of one image file, read as in training (every scene with ``scene:
-    all``)."""
-    if spec is None:
-        return [read_image(path)]
-    if spec.params.scene == "all":
-        scenes = open_stack(path).data.shape[0]
-        return [read_field(path, spec, k) for k in range(scenes)]
-    return [read_field(path, spec)]
-
-
 def warn_if_unlike_training(path: str | os.PathLike[str], spec: ReadSpec | None, store_attrs: dict) -> None:
     """Warn (once, for the first image) when new images name other channels or have another pixel size
     than the training fields (beyond 1 %)."""
@@ -301,7 +290,7 @@ def bag_instances(bag: BagImages, params: CropParams, spec: ReadSpec | None = No
     """Read and crop every image of one bag as the crop stage does: patches ``(n, C, H, W)`` uint8."""
     patches, boxes, sources = [], [], []
     for path, shown in zip(bag.paths, bag.shown, strict=True):
-        for image in image_fields(path, spec):
+        for image in read_fields(path, spec):  # every chosen scene, from one reading
             _, windows, cut = crop_field(image, params)  # (m, 4), (m, C, H, W)
             patches.append(cut)
             boxes.append(windows)

@@ -433,9 +433,8 @@ def _payload(run: Run, state: TrainState, row: dict[str, float], rng: list[dict[
             "source": store.attrs.get("source"),
             "crop": store.attrs.get("crop"),
             "bags": store.attrs.get("params"),
-            "read": store.attrs.get(
-                "read"
-            ),  # how the fields were read (predict reads new files the same way)
+            # how the fields were read and their pixel sizes: predict reads new files the same way
+            "read": store.attrs.get("read"),
             "pixel_sizes_um": store.attrs.get("pixel_sizes_um", []),
             "max_instances": run.cfg.max_instances,
             "fingerprint": store.fingerprint,

@@ -7,7 +7,6 @@ kept boxes are optionally squared, cut from the full-resolution field and resize
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import multiprocessing
 import time
@@ -31,13 +30,12 @@ from preprocessing.io import (
     PATCH_COLUMNS,
     atomic_path,
     check_rejected,
-    read_image,
     read_images_table,
     read_table,
     write_json,
     write_tsv,
 )
-from preprocessing.microscopy import READ_JSON, ReadSpec, read_field
+from preprocessing.microscopy import READ_JSON, ReadSpec, load_read_spec, read_field
 from preprocessing.options import opt
 from preprocessing.proposals import BACKENDS, OPENCV_MODES, propose_boxes
 from preprocessing.seeded import THRESHOLDS
@@ -313,12 +311,10 @@ def proposal_view(field: np.ndarray, params: CropParams) -> tuple[np.ndarray, Cr
 
 def read_shard_field(row: dict[str, str], spec: ReadSpec | None) -> np.ndarray:
     """One row's field ``(H, W, C)`` uint8: as ``spec`` (the acquire stage's ``read.json``) reads it, else
-    as :func:`preprocessing.io.read_image` (RGB)."""
-    if spec is None:
-        return read_image(row["path"])
-    if spec.params.scene == "all":  # the folder source's `scene` column: which scene this field is
-        return read_field(row["path"], spec, int(row["scene"]))
-    return read_field(row["path"], spec)
+    as :func:`preprocessing.io.read_image` (RGB); with ``scene: all`` the scene of the row's ``scene``
+    column."""
+    scene = int(row["scene"]) if spec is not None and spec.params.scene == "all" else None
+    return read_field(row["path"], spec, scene)
 
 
 def _process_field(row: dict[str, str], params: CropParams, spec: ReadSpec | None) -> _FieldResult:
@@ -492,16 +488,6 @@ def _create_store(path: Path, params: CropParams, spec: ReadSpec | None) -> Any:
     if spec is not None:
         group.attrs["read"] = spec.to_dict()
     return create_patch_array(group, 0, spec.channels_out if spec else 3, params.instance_shape)
-
-
-def load_read_spec(path: Path) -> ReadSpec | None:
-    """The acquire stage's ``read.json`` (None where a source writes none); one line when unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        return ReadSpec.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise InputError(f"{path}: unreadable read spec ({err})") from None
 
 
 def _patch_records(row: dict[str, str], windows: np.ndarray, first: int) -> list[dict[str, Any]]:

@@ -131,7 +131,7 @@ def read_table(path: str | os.PathLike[str], required: Sequence[str] = (), sep: 
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: empty table (no header)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a readable TSV ({_first_line(err)})") from None
+        raise InputError(f"{path}: not a readable TSV ({first_line(err)})") from None
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise InputError(f"{path}: missing columns: {', '.join(missing)}")
@@ -271,10 +271,10 @@ def read_image_array(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{path}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise InputError(
-            f"{path}: image too large ({_first_line(err)}; set {MAX_IMAGE_PIXELS_ENV} to change the limit)"
+            f"{path}: image too large ({first_line(err)}; set {MAX_IMAGE_PIXELS_ENV} to change the limit)"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{path}: unreadable image ({_first_line(err)})") from None
+        raise InputError(f"{path}: unreadable image ({first_line(err)})") from None
     if pages > 1:
         log.warning("%s: %d pages, only the first page is used", path, pages)
     return arr
@@ -334,6 +334,7 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line reports."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -7,25 +7,43 @@ ImageJ plane labels, pixel size from OME ``PhysicalSizeX/Y`` or the ImageJ resol
 ND2 and LIF (extra ``formats``) and CZI (extra ``czi``) with bioio and its plugins; other formats (PNG,
 JPEG) with PIL, as RGB or grey. A file is held as ``(S, T, C, Z, Y, X)``.
 
-Without choices (:class:`ReadParams` all ``None``) a file with one scene, one time point, one Z plane and
-1 or 3 channels is read as before (grey repeated to RGB, 16-bit scaled by its type's range); anything more
-is refused with one line saying what the file holds and what to set, never cut to its first page.
+Without choices (:class:`ReadParams` all ``None``) a single-plane file (one scene, time point and Z plane;
+grey or the samples of one colour image) is read exactly as :func:`preprocessing.io.read_image` reads it;
+anything more is refused with one line saying what the file holds and what to set, never cut to its first
+page.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from preprocessing.errors import InputError
+from preprocessing.io import first_line, read_image, read_image_array
 
-__all__ = ["TIFF_SUFFIXES", "ReadParams", "Stack", "choose_planes", "open_stack", "to_uint8"]
+__all__ = [
+    "BIOIO_FORMATS",
+    "READ_JSON",
+    "TIFF_SUFFIXES",
+    "FileInfo",
+    "ReadParams",
+    "ReadSpec",
+    "Stack",
+    "choose_planes",
+    "inspect_file",
+    "load_read_spec",
+    "open_stack",
+    "read_field",
+    "read_fields",
+    "to_uint8",
+]
 
 TIFF_SUFFIXES: frozenset[str] = frozenset({".tif", ".tiff"})
 #: formats read through bioio and one plugin each: suffix -> (plugin module, the extra that installs it)
@@ -35,7 +53,6 @@ BIOIO_FORMATS: dict[str, tuple[str, str]] = {
     ".lif": ("bioio_lif", "formats"),
     ".czi": ("bioio_czi", "czi"),  # GPL (aicspylibczi) and LGPL (pylibCZIrw): an extra of its own
 }
-AXES = "STCZYX"
 
 
 @dataclass(frozen=True)
@@ -133,9 +150,9 @@ def open_stack(path: str | os.PathLike[str]) -> Stack:
         return _open_tiff(path)
     if suffix in BIOIO_FORMATS:
         return _open_bioio(path, suffix)
-    from preprocessing.io import read_image_array  # PIL formats: the checks of read_image
-
-    arr = read_image_array(path)  # (H, W) grey, (H, W, 2|3|4) with alpha or colour
+    arr = read_image_array(
+        path
+    )  # PIL formats, with the checks of read_image  # (H, W) grey, (H, W, 2|3|4) with alpha or colour
     if arr.ndim == 3:
         arr = arr[:, :, 0] if arr.shape[2] <= 2 else arr[:, :, :3]  # alpha dropped
     grey = arr.ndim == 2
@@ -162,12 +179,18 @@ def _open_tiff(path: Path) -> Stack:
         msg = str(err)
         raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     except Exception as err:  # noqa: BLE001 - tifffile and its codecs (imagecodecs, zlib) raise their own
-        raise InputError(f"{path}: unreadable TIFF ({_first_line(err)})") from None
-    if len({a.shape for a in arrays}) > 1:
-        raise InputError(f"{path}: its scenes differ in shape ({', '.join(str(a.shape) for a in arrays)})")
+        raise InputError(f"{path}: unreadable TIFF ({first_line(err)})") from None
     samples = "S" in series[0].axes and arrays[0].shape[1] > 1
     pages = kind == "TIFF" and arrays[0].shape[1] > 1 and not samples
-    return Stack(path, kind, np.stack(arrays), names, size, pages_as_channels=pages, samples=samples)
+    return Stack(path, kind, _scenes(path, arrays), names, size, pages_as_channels=pages, samples=samples)
+
+
+def _scenes(path: Path, scenes: list[np.ndarray]) -> np.ndarray:
+    """The scenes ``(T, C, Z, Y, X)`` of one file stacked ``(S, T, C, Z, Y, X)``; one line when their shapes
+    differ."""
+    if len({a.shape for a in scenes}) > 1:
+        raise InputError(f"{path}: its scenes differ in shape ({', '.join(str(a.shape) for a in scenes)})")
+    return np.stack(scenes)
 
 
 def _open_bioio(path: Path, suffix: str) -> Stack:
@@ -197,13 +220,12 @@ def _open_bioio(path: Path, suffix: str) -> Stack:
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - the plugins raise their libraries' own errors
-        raise InputError(f"{path}: unreadable {suffix} file ({_first_line(err)})") from None
-    if len({a.shape for a in scenes}) > 1:
-        raise InputError(f"{path}: its scenes differ in shape ({', '.join(str(a.shape) for a in scenes)})")
-    channels = scenes[0].shape[1]
+        raise InputError(f"{path}: unreadable {suffix} file ({first_line(err)})") from None
+    data = _scenes(path, scenes)  # (S, T, C, Z, Y, X)
+    channels = data.shape[2]
     names = names[:channels] + [""] * (channels - len(names[:channels]))
     size = (float(sizes.X), float(sizes.Y)) if sizes.X and sizes.Y else None
-    return Stack(path, suffix.lstrip(".").upper(), np.stack(scenes), names, size)
+    return Stack(path, suffix.lstrip(".").upper(), data, names, size)
 
 
 def _bioio_scene(image: Any, path: Path) -> np.ndarray:
@@ -395,11 +417,6 @@ def to_uint8(planes: np.ndarray, ranges: list[tuple[float, float]] | None, path:
     return np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def pixel_size_columns(stack: Stack) -> dict[str, str]:
     """``pixel_size_um_x`` and ``pixel_size_um_y`` as images.tsv cells (empty when unknown)."""
     if stack.pixel_size_um is None:
@@ -461,23 +478,40 @@ def spec_ranges(params: ReadParams, channels: int) -> tuple[tuple[float, float],
     return ((lo, hi),) * channels
 
 
-def read_field(path: str | os.PathLike[str], spec: ReadSpec, scene: int | None = None) -> np.ndarray:
-    """One field ``(H, W, C)`` uint8 as ``spec`` reads it (``scene``: which one, for ``scene: all``);
-    without chosen channels a grey file is repeated to 3 channels, as :func:`preprocessing.io.read_image`."""
+def read_fields(path: str | os.PathLike[str], spec: ReadSpec | None) -> list[np.ndarray]:
+    """The fields ``(H, W, C)`` uint8 of one file as ``spec`` reads it, one per chosen scene (several with
+    ``scene: all``), from one reading of the file. Without a spec or a ``read:`` block: the file as
+    :func:`preprocessing.io.read_image` reads it (single-plane files, checked when acquired); without chosen
+    channels a grey file is repeated to 3 channels, as there."""
     path = Path(path)
-    params = spec.params
-    if params == ReadParams():  # no read block: single-plane files as before (checked when acquired)
-        from preprocessing.io import read_image
+    if spec is None or spec.params == ReadParams():
+        return [read_image(path)]
+    ranges = list(spec.ranges) if spec.ranges is not None else None
+    fields = []
+    for planes in choose_planes(open_stack(path), spec.params):  # (C', Y, X) per scene
+        field_ = to_uint8(planes, ranges, path)  # (Y, X, C')
+        if spec.params.channels is None and field_.shape[2] == 1:
+            field_ = np.repeat(field_, 3, axis=2)
+        fields.append(field_)
+    return fields
 
-        return read_image(path)
-    stack = open_stack(path)
-    if scene is not None:
-        params = ReadParams(params.channels, params.z, params.time, int(scene), params.intensity)
-    planes = choose_planes(stack, params)[0]  # (C', Y, X)
-    field_ = to_uint8(planes, list(spec.ranges) if spec.ranges is not None else None, path)  # (Y, X, C')
-    if params.channels is None and field_.shape[2] == 1:
-        field_ = np.repeat(field_, 3, axis=2)
-    return field_
+
+def read_field(path: str | os.PathLike[str], spec: ReadSpec | None, scene: int | None = None) -> np.ndarray:
+    """One field ``(H, W, C)`` uint8 as :func:`read_fields` reads it; ``scene``: which one (a row of
+    ``scene: all``)."""
+    if spec is not None and scene is not None:
+        spec = replace(spec, params=replace(spec.params, scene=int(scene)))
+    return read_fields(path, spec)[0]
+
+
+def load_read_spec(path: Path) -> ReadSpec | None:
+    """The acquire stage's ``read.json`` (None where a source writes none); one line when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return ReadSpec.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise InputError(f"{path}: unreadable read spec ({err})") from None
 
 
 def sample_values(planes: np.ndarray, seed: int) -> np.ndarray:
@@ -546,12 +580,11 @@ def inspect_file(path: str | os.PathLike[str], params: ReadParams, seed: int = 0
 def _inspect_single_plane(stack: Stack) -> FileInfo:
     """Without a ``read:`` block: a single-plane file, decoded as :func:`preprocessing.io.read_image` reads
     it (palettes, alpha, CMYK, 16-bit as before); anything more is refused with what it holds."""
-    from preprocessing.io import read_image
-
     if not stack.single_plane:
         refuse_unchosen(stack, ReadParams())
         raise InputError(f"{stack.path}: {stack.describe()}: set read.channels")  # e.g. 2 channels of samples
-    read_image(stack.path)
+    if stack.path.suffix.lower() in TIFF_SUFFIXES:
+        read_image(stack.path)  # tifffile decoded it; the crop stage reads it with PIL (other formats: done)
     return FileInfo(stack.format, stack.describe(), [0], [], pixel_size_columns(stack), str(stack.data.dtype))
 
 

@@ -22,14 +22,13 @@ import numpy as np  # noqa: E402
 from preprocessing.crop import (  # noqa: E402
     CropParams,
     crop_field,
-    load_read_spec,
     proposal_view,
     read_shard_field,
     resolve_roles,
 )
 from preprocessing.errors import InputError  # noqa: E402
 from preprocessing.io import atomic_path, read_images_table  # noqa: E402
-from preprocessing.microscopy import READ_JSON, ReadSpec  # noqa: E402
+from preprocessing.microscopy import READ_JSON, ReadSpec, load_read_spec  # noqa: E402
 
 BOX_COLOUR = (255, 255, 0)  # yellow
 PANEL = 512  # px: longest side of a field in the figure
@@ -56,9 +55,10 @@ def preview_crop(
     panels, counts = [], {}
     for name, row, spec in named:
         field = read_shard_field(row, spec)  # (H, W, C), as the crop stage reads it
-        boxes = crop_field(field, resolve_roles(params, spec))[0]  # (n, 4)
+        roles = resolve_roles(params, spec)
+        boxes = crop_field(field, roles)[0]  # (n, 4)
         counts[name] = len(boxes)
-        shown = proposal_view(field, replace(resolve_roles(params, spec), backend="opencv"))[0]  # (H, W, 3)
+        shown = proposal_view(field, replace(roles, backend="opencv"))[0]  # (H, W, 3)
         panels.append((f"{name}: {len(boxes)} boxes", draw_boxes(shown, boxes)))
     _save_panels(panels, Path(dest), title=f"crop preview, backend {params.backend}")
     return counts

@@ -126,8 +126,7 @@ def _read_spec(params: ReadParams, infos: list[FileInfo], out: pd.DataFrame) -> 
     """The spec the crop stage reads with: fixed ranges, or percentiles over the training images (the
     ``train`` rows of a ``split`` column when there are any, else all)."""
     names = tuple(infos[0].channel_names) if params.channels is not None else ()
-    channels = len(params.channels) if params.channels is not None else 3
-    ranges = spec_ranges(params, channels)
+    ranges = spec_ranges(params, ReadSpec(params).channels_out)
     if params.intensity is not None and "percentiles" in params.intensity:
         train = out[SPLIT_COLUMN].eq("train").to_numpy() if SPLIT_COLUMN in out.columns else None
         pick = train if train is not None and train.any() else [True] * len(infos)
