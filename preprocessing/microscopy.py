@@ -481,11 +481,14 @@ def spec_ranges(params: ReadParams, channels: int) -> tuple[tuple[float, float],
 def read_fields(path: str | os.PathLike[str], spec: ReadSpec | None) -> list[np.ndarray]:
     """The fields ``(H, W, C)`` uint8 of one file as ``spec`` reads it, one per chosen scene (several with
     ``scene: all``), from one reading of the file. Without a spec or a ``read:`` block: the file as
-    :func:`preprocessing.io.read_image` reads it (single-plane files, checked when acquired); without chosen
-    channels a grey file is repeated to 3 channels, as there."""
+    :func:`preprocessing.io.read_image` reads it (single-plane files, checked when acquired; bioio formats,
+    which PIL cannot read, through their plugin); without chosen channels a grey file is repeated to 3
+    channels, as there."""
     path = Path(path)
-    if spec is None or spec.params == ReadParams():
+    legacy = spec is None or spec.params == ReadParams()
+    if legacy and path.suffix.lower() not in BIOIO_FORMATS:  # PIL reads it (bioio formats: below)
         return [read_image(path)]
+    spec = spec or ReadSpec(ReadParams())
     ranges = list(spec.ranges) if spec.ranges is not None else None
     fields = []
     for planes in choose_planes(open_stack(path), spec.params):  # (C', Y, X) per scene

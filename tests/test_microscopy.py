@@ -552,3 +552,21 @@ def test_percentiles_over_files_of_other_channel_counts_are_refused(tmp_path):
     (tmp_path / "plate.tsv").write_text("path\tgroup\tlabels\ngrey.png\tG0\thit\nrgb.png\tG1\t\n")
     with pytest.raises(InputError, match=r"the files hold \[1, 3\] channels; set read.channels"):
         prepare_folder(tmp_path / "plate.tsv", tmp_path / "out", read={"intensity": {"percentiles": [1, 99]}})
+
+
+def test_a_single_plane_czi_without_a_read_block_reaches_the_patches(tmp_path):
+    """PIL cannot read a CZI: without a read block it is read through its plugin, grey repeated to RGB."""
+    pytest.importorskip("bioio_czi")
+    data = {f"f{i}.czi": planes(50 + i, (1, 1, H, W)) for i in range(2)}  # one channel, one Z
+    prepare_folder(folder(tmp_path, data, write_czi_grey), tmp_path / "out")
+    patches, _ = crop_whole(tmp_path, tmp_path / "out")
+    for k, values in enumerate(data.values()):
+        expected = scaled(values[0, 0], 0, 65535)  # 16-bit by its type's range, as without a block
+        assert all(np.array_equal(patches[k, c], expected) for c in range(3))
+
+
+def write_czi_grey(path: Path, data: np.ndarray) -> None:
+    from pylibCZIrw import czi as pyczi
+
+    with pyczi.create_czi(str(path), exist_ok=True) as doc:
+        doc.write(data=data[0, 0], plane={"C": 0, "Z": 0, "T": 0}, scene=0)
