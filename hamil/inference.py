@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from hamil.models import MILModel
+from hamil.models.ops import widen
 
 
 @torch.no_grad()
@@ -24,8 +25,9 @@ def predict_batches(
     index, labels, probs, total = [], [], [], 0.0
     for images, sizes, y, idx in batches:
         logits, _ = model(images.to(device, non_blocking=True), sizes.to(device))  # (B, K)
-        total += float(loss_fn(logits.float(), y.to(device)))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        logits = widen(logits)  # (B, K)
+        total += float(loss_fn(logits, y.to(device, logits.dtype)))
+        probs.append(torch.sigmoid(logits).float().cpu().numpy())
         labels.append(y.numpy())
         index.append(idx.numpy())
     if not index:

@@ -389,12 +389,13 @@ def _loss_scale(ctx: DistContext, local_items: float, group: int, device: torch.
     """Factor turning a rank's summed loss into its share of the global mean over the step's batches.
 
     DDP averages gradients over ranks, so ``world * local sum / global items`` gives the global mean; the
-    global item count is summed on the device (no host synchronisation).
+    global item count is summed on the device (no host synchronisation). The factor is float64 in both
+    cases, so one process and several ranks scale by the same rounded value.
     """
     if ctx.world == 1:
-        return 1.0 / local_items / group
-    items = ctx.sum_on_device(torch.tensor([local_items], dtype=torch.float32, device=device))
-    return ctx.world / items[0] / group
+        return 1.0 / (local_items * group)
+    items = ctx.sum_on_device(torch.tensor([local_items], dtype=torch.float64, device=device))
+    return ctx.world / (items[0] * group)
 
 
 def _ddp_sync(step_model: nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hamil.models.backbone import Backbone
-from hamil.models.ops import bag_index, pool, segment_sum
+from hamil.models.ops import bag_index, pool, segment_sum, widen
 from hamil.models.registry import Aggregator, AggregatorOutput, ModelInfo
 
 
@@ -80,8 +80,8 @@ class MILModel(nn.Module):
 
     @staticmethod
     def _mean_probability_logits(instance_logits: torch.Tensor, bag_sizes: torch.Tensor) -> torch.Tensor:
-        sizes = bag_sizes.to(instance_logits.device, torch.float32).view(-1, 1)
-        probs = segment_sum(torch.sigmoid(instance_logits.float()), bag_sizes) / sizes  # (B, K)
+        probs = segment_sum(torch.sigmoid(widen(instance_logits)), bag_sizes)  # (B, K)
+        probs = probs / bag_sizes.to(probs.device, probs.dtype).view(-1, 1)
         return torch.logit(probs, eps=1e-7)
 
     def explain(self, images: torch.Tensor, bag_sizes: torch.Tensor) -> Explanation:
@@ -107,6 +107,7 @@ class MILModel(nn.Module):
 
 
 def _summed_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE of ``(M, K)`` logits, averaged over the K classes, summed over the M items (float32)."""
-    per_item = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    """BCE of ``(M, K)`` logits, averaged over the K classes, summed over the M items (float32 at least)."""
+    logits = widen(logits)
+    per_item = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
     return per_item.mean(dim=1).sum()

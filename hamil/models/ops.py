@@ -8,6 +8,11 @@ from __future__ import annotations
 import torch
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision values as float32 for losses and probabilities; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def pool(x: torch.Tensor) -> torch.Tensor:
     """``(M, C, h, w)`` -> ``(M, C)`` by global average pooling; vectors ``(M, C)`` pass through."""
     return x.flatten(2).mean(-1) if x.dim() > 2 else x
