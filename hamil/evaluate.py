@@ -20,7 +20,7 @@ import pandas as pd
 from hamil.checkpoint import load_checkpoint, model_from_checkpoint
 from hamil.data import BagDataset, make_loader
 from hamil.inference import Explained, explain_batches, predict_batches
-from hamil.metrics import compute_metrics, tune_thresholds
+from hamil.metrics import TunedThresholds, compute_metrics, tune_thresholds
 from hamil.runtime import select_device
 from hamil.tables import instance_table, prediction_table
 from preprocessing.errors import InputError
@@ -40,25 +40,28 @@ def score_report(
     probs: np.ndarray,
     class_names: Sequence[str],
     threshold: float,
-    tuned: np.ndarray | None = None,
+    tuned: TunedThresholds | None = None,
     tuned_on: str | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """``metrics.json``'s metrics and the ``per_class.tsv`` table of labels ``y (B, K)`` and ``probs (B, K)``.
 
-    Metrics are at the fixed ``threshold``; with per-class ``tuned (K,)`` thresholds (found on
-    ``tuned_on``) the table gains ``threshold_tuned`` and ``f1_tuned`` and the metrics a ``tuned`` entry.
+    Metrics are at the fixed ``threshold``; with per-class ``tuned`` thresholds (found on ``tuned_on``) the
+    table gains ``threshold_tuned``, ``tune_positives`` and ``f1_tuned`` and the metrics a ``tuned`` entry.
     """
     metrics = compute_metrics(y, probs, class_names, threshold)
     per_class = pd.DataFrame(metrics.pop("per_class"))
     if tuned is not None:
-        at_tuned = compute_metrics(y, probs, class_names, tuned)
-        per_class["threshold_tuned"] = np.round(tuned, 6)
+        at_tuned = compute_metrics(y, probs, class_names, tuned.thresholds)
+        per_class["threshold_tuned"] = np.round(tuned.thresholds, 6)
+        per_class["tune_positives"] = tuned.positives
         per_class["f1_tuned"] = [row["f1"] for row in at_tuned["per_class"]]
         metrics["tuned"] = {
             "on": tuned_on,
             "macro_f1": at_tuned["macro_f1"],
             "micro_f1": at_tuned["micro_f1"],
-            "thresholds": dict(zip(class_names, np.round(tuned, 6).tolist(), strict=True)),
+            "thresholds": dict(zip(class_names, np.round(tuned.thresholds, 6).tolist(), strict=True)),
+            "positives": dict(zip(class_names, tuned.positives.tolist(), strict=True)),
+            "tuned_classes": [n for n, m in zip(class_names, tuned.tuned, strict=True) if m],
         }
     return metrics, per_class
 
@@ -76,7 +79,8 @@ def evaluate(
     """Write ``metrics.json``, ``per_class.tsv``, ``predictions.tsv`` and ``instances.tsv`` for ``split``.
 
     Metrics use the fixed ``threshold`` (the paper's 0.5). With ``tune_split`` (default "val"), per-class
-    thresholds maximising F1 on that split are also applied and reported beside them (``tuned``).
+    thresholds for F1 on that split (:func:`tune_thresholds`: a coarse grid, only classes with enough
+    positives, only a gain above one bag's noise) are also applied and reported beside them (``tuned``).
     Probabilities and instance scores (:meth:`MILModel.explain`) come from one pass over the split.
     """
     store = BagStore(store_path)
@@ -100,6 +104,7 @@ def evaluate(
         tune_loader = make_loader(BagDataset(store, store.bags_in(tune_split)), batch_bags, False, 0)
         _, y_tune, p_tune, _ = predict_batches(model, tune_loader, dev)
         tuned = tune_thresholds(y_tune, p_tune, threshold)
+        log.info("%s: %s", checkpoint, tuned.summary(store.class_names, tune_split, threshold))
     metrics, per_class = score_report(y, probs, store.class_names, threshold, tuned, tune_split)
     metrics.update(
         {
@@ -115,7 +120,14 @@ def evaluate(
     index = explained.bags
     sizes = store.bag_sizes()[index]
     predictions = prediction_table(
-        store.bag_id[index], store.group[index], sizes, probs, store.class_names, threshold, y, tuned
+        store.bag_id[index],
+        store.group[index],
+        sizes,
+        probs,
+        store.class_names,
+        threshold,
+        y,
+        None if tuned is None else tuned.thresholds,
     )
     write_tsv(predictions, out / PREDICTION_FILE)
     write_tsv(_instances_table(store, explained), out / INSTANCE_FILE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,23 +56,59 @@ def compute_metrics(
     }
 
 
-def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, default: float = 0.5) -> np.ndarray:
-    """Per-class thresholds that maximise each class's F1 on ``(y_true, probs)`` (a validation split).
+#: the candidate thresholds: a coarse grid, so that a few validation bags cannot pick a value like 0.998
+TUNE_GRID = tuple(round(0.1 * k, 1) for k in range(1, 10))
+#: a class is tuned only with at least this many positive bags in the tuning split
+MIN_TUNE_POSITIVES = 10
 
-    A bag is predicted positive when ``prob >= threshold``. Candidates are the observed probabilities; among
-    equal F1 the candidate closest to ``default`` wins. Classes without positives keep ``default``.
+
+@dataclass(frozen=True)
+class TunedThresholds:
+    """Per-class thresholds ``(K,)``, the tuning split's positives per class and which classes moved."""
+
+    thresholds: np.ndarray
+    positives: np.ndarray
+    tuned: np.ndarray  # (K,) bool: the threshold differs from the default
+
+    def summary(self, class_names: Sequence[str], split: str, default: float) -> str:
+        """One line: the tuned classes with their thresholds and positives, and how many kept ``default``."""
+        moved = [
+            f"{name} {t:g} ({n} positives)"
+            for name, t, n, m in zip(class_names, self.thresholds, self.positives, self.tuned, strict=True)
+            if m
+        ]
+        few = int((self.positives < MIN_TUNE_POSITIVES).sum())
+        return (
+            f"thresholds tuned on {split}: {', '.join(moved) or 'none'}; {default:g} kept for "
+            f"{len(class_names) - len(moved)} class(es), {few} of them with fewer than "
+            f"{MIN_TUNE_POSITIVES} positives"
+        )
+
+
+def _f1_at(y: np.ndarray, p: np.ndarray, threshold: float) -> float:
+    predicted = p >= threshold
+    return 2 * float((predicted & (y == 1)).sum()) / (float(predicted.sum()) + float(y.sum()))
+
+
+def tune_thresholds(
+    y_true: np.ndarray, probs: np.ndarray, default: float = 0.5, min_positives: int = MIN_TUNE_POSITIVES
+) -> TunedThresholds:
+    """Per-class thresholds for F1 on ``(y_true, probs)`` (a validation split), guarded against overfitting.
+
+    A bag is predicted positive when ``prob >= threshold``. A class moves from ``default`` only when the
+    split holds at least ``min_positives`` of its positives, to the value of :data:`TUNE_GRID` with the
+    best F1, and only when that F1 beats the one at ``default`` by more than ``1 / positives``: about what
+    one positive bag changing side moves F1 by, so a smaller gain is one bag's noise. Ties go to the grid
+    value closest to ``default``.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
+    positives = y_true.sum(axis=0)  # (K,)
     out = np.full(y_true.shape[1], float(default))
-    for k in range(y_true.shape[1]):
-        positives = int(y_true[:, k].sum())
-        if positives == 0:
-            continue
-        order = np.argsort(-probs[:, k], kind="stable")
-        p, tp = probs[order, k], np.cumsum(y_true[order, k])
-        last = np.flatnonzero(np.append(p[1:] != p[:-1], True))  # last index of each run of equal scores
-        f1 = 2 * tp[last] / (last + 1 + positives)  # 2TP / (2TP + FP + FN), predicted = last + 1
-        best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
-        out[k] = p[last[best[np.argmin(np.abs(p[last[best]] - default))]]]
-    return out
+    for k in np.flatnonzero(positives >= max(min_positives, 1)):
+        y, p = y_true[:, k], probs[:, k]
+        at_default = _f1_at(y, p, default)
+        scored = sorted(TUNE_GRID, key=lambda t: (-_f1_at(y, p, t), abs(t - default)))
+        if _f1_at(y, p, scored[0]) - at_default > 1.0 / positives[k]:
+            out[k] = scored[0]
+    return TunedThresholds(out, positives, out != default)

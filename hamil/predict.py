@@ -37,6 +37,7 @@ import torch
 
 from hamil.checkpoint import load_checkpoint, model_from_checkpoint
 from hamil.evaluate import INSTANCE_FILE, METRICS_FILE, PER_CLASS_FILE, PREDICTION_FILE, score_report
+from hamil.metrics import TunedThresholds
 from hamil.models import MILModel
 from hamil.runtime import select_device
 from hamil.tables import SKIPPED_COLUMNS, instance_table, prediction_table
@@ -206,11 +207,15 @@ def _check_images(bags: Sequence[BagImages], read: ReadParams | None) -> None:
         raise InputError(bad[0] + more)
 
 
-def read_thresholds(path: str | os.PathLike[str], class_names: Sequence[str]) -> np.ndarray:
-    """Per-class thresholds ``(K,)`` from a ``per_class.tsv`` of ``hamil evaluate``.
+def read_thresholds(
+    path: str | os.PathLike[str], class_names: Sequence[str], default: float = 0.5
+) -> TunedThresholds:
+    """Per-class tuned thresholds from a ``per_class.tsv`` of ``hamil evaluate``.
 
     The tuned column (``threshold_tuned``) is required: a table evaluated with ``--tune-split none`` has
-    none. Every checkpoint class must have a row with a number in ``[0, 1]``.
+    none. Every checkpoint class must have a row with a number in ``[0, 1]``. The tuning split's positives
+    come from ``tune_positives`` (-1 where a table of an older evaluate lacks it); a class counts as tuned
+    where its threshold differs from ``default``.
     """
     table = read_table(path, ["class"])
     if "threshold_tuned" not in table.columns:
@@ -225,7 +230,14 @@ def read_thresholds(path: str | os.PathLike[str], class_names: Sequence[str]) ->
         raise InputError(f"{path}: threshold_tuned must hold numbers") from None
     if not np.all((out >= 0) & (out <= 1)):
         raise InputError(f"{path}: thresholds must be in [0, 1]")
-    return out
+    positives = np.full(len(class_names), -1, dtype=np.int64)
+    if "tune_positives" in table.columns:
+        counts = dict(zip(table["class"], table["tune_positives"], strict=True))
+        try:
+            positives = np.array([int(counts[c]) for c in class_names], dtype=np.int64)  # (K,)
+        except ValueError:
+            raise InputError(f"{path}: tune_positives must hold whole numbers") from None
+    return TunedThresholds(out, positives, out != default)
 
 
 # ------------------------------------------------------------------------------------------ instances
@@ -384,7 +396,7 @@ def predict_images(
     out = Path(out_dir)
     ckpt = load_checkpoint(checkpoint)
     class_names = list(ckpt["class_names"])
-    tuned = None if thresholds is None else read_thresholds(thresholds, class_names)
+    tuned = None if thresholds is None else read_thresholds(thresholds, class_names, threshold)
     params = crop_params_of(ckpt.get("store_attrs") or {}, checkpoint)
     spec = read_spec_of(ckpt.get("store_attrs") or {}, checkpoint)
     bags = read_bags(inputs, skip=out, split=split, read=spec.params if spec is not None else None)
@@ -416,7 +428,7 @@ def predict_images(
         class_names,
         threshold,
         y,
-        tuned,
+        None if tuned is None else tuned.thresholds,
     )
     write_tsv(table, out / PREDICTION_FILE)
     if instance_scores:
@@ -477,7 +489,7 @@ def thresholds_for(
     """Per-class thresholds ``(K,)``: tuned ones from ``path`` (a ``per_class.tsv``), else ``threshold``."""
     if path is None:
         return np.full(len(class_names), float(threshold))
-    return read_thresholds(path, class_names)
+    return read_thresholds(path, class_names, threshold).thresholds
 
 
 def _run(

@@ -86,34 +86,56 @@ def test_bad_metrics_file_is_named(tmp_path):
         compare([bad], tmp_path / "c.tsv", tmp_path / "c.md")
 
 
-def brute_force_threshold(y, p, default=0.5):
-    best, best_t = -1.0, default
-    for t in sorted(set(p.tolist()), key=lambda t: abs(t - default)):
+def reference_threshold(y, p, default=0.5, min_positives=10):
+    """The tuning rule written out plainly: 0.1 .. 0.9, the best F1 (ties: nearest the default), kept only
+    with enough positives and a gain over the default above 1 / positives."""
+    positives = int(y.sum())
+    if positives < min_positives:
+        return default
+    f1 = {}
+    for t in [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]:
         pred = p >= t
-        tp = int((pred & (y == 1)).sum())
-        f1 = 2 * tp / (pred.sum() + y.sum())
-        if f1 > best + 1e-12:
-            best, best_t = f1, t
-    return best_t, best
+        f1[t] = 2 * int((pred & (y == 1)).sum()) / (int(pred.sum()) + positives)
+    best = max(f1.values())
+    t_best = min((t for t in f1 if f1[t] == best), key=lambda t: abs(t - default))
+    return t_best if best - f1[default] > 1 / positives else default
 
 
-@given(st.integers(0, 10_000), st.integers(2, 40))
+@given(st.integers(0, 10_000), st.integers(2, 80))
 @settings(max_examples=150, deadline=None)
-def test_tuned_thresholds_maximise_f1(seed, n):
+def test_tuned_thresholds_follow_the_rule(seed, n):
     rng = np.random.default_rng(seed)
     y = (rng.random((n, 3)) < 0.4).astype(int)
-    p = rng.integers(0, 6, (n, 3)) / 5  # many ties
+    p = np.clip(rng.random((n, 3)) * 0.6 + 0.3 * y, 0, 1)  # positives a little higher, many near 0.5
     y[:, 2] = 0  # a class without positives keeps the default
-    tuned = tune_thresholds(y, p)
-    assert tuned[2] == 0.5
-    for k in range(2):
-        if y[:, k].sum() == 0:
-            continue
-        t_ref, f1_ref = brute_force_threshold(y[:, k], p[:, k])
-        pred = p[:, k] >= tuned[k]
-        f1 = 2 * (pred & (y[:, k] == 1)).sum() / (pred.sum() + y[:, k].sum())
-        assert f1 == pytest.approx(f1_ref)
-        assert abs(tuned[k] - 0.5) == pytest.approx(abs(t_ref - 0.5))
+    out = tune_thresholds(y, p)
+    assert out.thresholds[2] == 0.5 and not out.tuned[2]
+    np.testing.assert_array_equal(out.positives, y.sum(axis=0))
+    for k in range(3):
+        assert out.thresholds[k] == reference_threshold(y[:, k], p[:, k])
+
+
+def test_tuning_on_a_few_noisy_bags_keeps_the_default():
+    """The overfitting case of issue 25: ~20 validation bags, scores unrelated to the labels; the old rule
+    (any observed score) chose thresholds like 0.998. Nothing moves now, for any seed."""
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        y = (rng.random((20, 10)) < 0.2).astype(int)
+        out = tune_thresholds(y, rng.random((20, 10)))
+        assert not out.tuned.any() and (out.thresholds == 0.5).all()
+
+
+def test_a_real_shift_with_enough_positives_is_tuned():
+    """40 positives scored 0.30-0.45 and 60 negatives 0.0-0.2: at 0.5 F1 is 0, at 0.3 it is 1."""
+    y = np.r_[np.ones(40, int), np.zeros(60, int)][:, None]
+    p = np.r_[np.linspace(0.3, 0.45, 40), np.linspace(0.0, 0.2, 60)][:, None]
+    out = tune_thresholds(y, p)
+    assert out.thresholds[0] == 0.3 and out.tuned[0]
+    line = out.summary(["Golgi"], "val", 0.5)
+    assert (
+        line == "thresholds tuned on val: Golgi 0.3 (40 positives); 0.5 kept for 0 class(es), "
+        "0 of them with fewer than 10 positives"
+    )
 
 
 REFERENCE = Path(__file__).resolve().parents[1] / "config" / "reference"
