@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, stage in STAGES.items():
-        p = sub.add_parser(name, help=stage.help, description=stage.help)
+        text = stage.help.replace("%", "%%")  # argparse formats help with %: a literal one is doubled
+        p = sub.add_parser(name, help=text, description=text)
         for cls in stage.params:
             _add_options(p, cls)
         p.set_defaults(stage=stage)
@@ -50,6 +51,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             text = f"{text} (default: {_show(default)})".strip()
         elif not required and default is None and "(default" not in text:
             text = f"{text} (default: none)".strip()
+        text = text.replace("%", "%%")  # argparse formats help with %: a literal one is doubled
         choices = f.metadata.get("choices")
         if f.metadata.get("positional"):
             group.add_argument(f.name, choices=choices, nargs=nargs, help=text)
@@ -145,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hamil {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written under temp names, so nothing is half-written
+        print(f"hamil {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

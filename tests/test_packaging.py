@@ -178,3 +178,41 @@ def test_none_for_optional_tuples_and_empty_or_missing_lists():
                                    "--out-table", "d", "--classes"])  # fmt: skip
     with pytest.raises(SystemExit):
         build_parser().parse_args(["crop-preview", "--out", "p.png"])  # no field
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_subcommand_help_renders(stage, capsys):
+    """argparse formats help texts with ``%``: a literal one in a help (``+-20 %``) must not crash it."""
+    with pytest.raises(SystemExit) as exit_:
+        main([stage, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: hamil {stage}" in capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    """SIGINT during a long stage (a training run) ends it with one line and exit status 130."""
+    import signal
+    import time
+
+    from conftest import make_store
+
+    store = make_store(tmp_path, patch=16)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hamil.cli",
+        "train",
+        "--store",
+        str(store),
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
+    cmd += ["--model", "mean", "--epochs", "1000", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "run" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # training is under way once the first epoch's checkpoint is there
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.splitlines()[-1] == "hamil train: interrupted"
