@@ -272,6 +272,7 @@ class TrainJob:
     resume: bool = opt(
         False, "continue from <out-dir>/last.pt when it exists (same configuration; exact on CPU)"
     )
+    overwrite: bool = opt(False, "replace the run (best.pt, last.pt, history.csv) that --out-dir holds")
 
 
 @dataclass
@@ -426,7 +427,7 @@ class MilBenchParams:
 def run_train(cfg: TrainConfig, job: TrainJob) -> None:
     from hamil.train import train
 
-    log.info("best validation: %s", train(cfg, resume=job.resume))
+    log.info("best validation: %s", train(cfg, resume=job.resume, overwrite=job.overwrite))
 
 
 def run_evaluate(p: EvaluateParams) -> None:

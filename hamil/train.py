@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from hamil.runtime import (
 from hamil.tables import HISTORY_COLUMNS
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path, check_writable, remove_stale_temps
+from preprocessing.locks import writer_lock
 from preprocessing.store import BagStore
 
 log = logging.getLogger(__name__)
@@ -99,38 +101,67 @@ class Run:
         return Path(self.cfg.out_dir)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg.model`` on the train split of ``cfg.store``; select on the val split.
 
     With ``resume``, continue from ``<out_dir>/last.pt`` when it exists (same configuration required,
     except the fields in ``TrainConfig.RESUMABLE_CHANGES``); the result is identical to an uninterrupted
-    run on the CPU. Launched by ``torchrun``, every rank trains on its share of each global batch.
-    Returns the best validation metrics.
+    run on the CPU. A folder that holds a run is refused unless ``resume`` or ``overwrite`` (which
+    deletes that run first); one training per folder at a time (:func:`claim_run_dir`). Launched by
+    ``torchrun``, every rank trains on its share of each global batch. Returns the best validation metrics.
     """
     set_threads(cfg.threads)
     set_deterministic(cfg.deterministic)
     ctx, _, joined = setup_distributed(cfg.device)
     try:
-        run = build_run(cfg, ctx)
-        state = resume_state(run) if resume else TrainState()
-        try:
-            while not state.finished and state.epoch < cfg.epochs:
-                start = time.perf_counter()
-                train_loss = train_one_epoch(run, state, state.epoch + 1)
-                row, failure = {}, None
-                if ctx.is_main:
-                    try:
-                        row = validate(run, state.epoch + 1, train_loss)
-                    except TrainingDiverged as err:
-                        failure = err
-                end_epoch(run, state, row, failure, start)
-        finally:
-            if run.writer is not None:
-                run.writer.close()
-        return state.best
+        with claim_run_dir(Path(cfg.out_dir), ctx.is_main, resume, overwrite):
+            return _train_loop(cfg, ctx, resume)
     finally:
         if joined:
             cleanup_distributed()
+
+
+@contextlib.contextmanager
+def claim_run_dir(out: Path, is_main: bool, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``out``'s writer lock (rank 0) and refuse a folder with a run in it unless told what to do."""
+    if resume and overwrite:
+        raise InputError("--resume continues the run in --out-dir, --overwrite deletes it: choose one")
+    if not is_main:
+        yield
+        return
+    with writer_lock(out):
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not (resume or overwrite):
+            raise InputError(
+                f"{out}: holds a training run ({', '.join(found)}); --resume continues it, "
+                "--overwrite replaces it"
+            )
+        if found and overwrite:
+            for name in found:
+                (out / name).unlink()
+            log.info("--overwrite: deleted %s from %s", ", ".join(found), out)
+        yield
+
+
+def _train_loop(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict[str, Any]:
+    """The epochs of :func:`train`: build, resume, then train, validate and checkpoint each epoch."""
+    run = build_run(cfg, ctx)
+    state = resume_state(run) if resume else TrainState()
+    try:
+        while not state.finished and state.epoch < cfg.epochs:
+            start = time.perf_counter()
+            train_loss = train_one_epoch(run, state, state.epoch + 1)
+            row, failure = {}, None
+            if ctx.is_main:
+                try:
+                    row = validate(run, state.epoch + 1, train_loss)
+                except TrainingDiverged as err:
+                    failure = err
+            end_epoch(run, state, row, failure, start)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+    return state.best
 
 
 def build_run(cfg: TrainConfig, ctx: DistContext) -> Run:

@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from preprocessing.errors import InputError
+from preprocessing.locks import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +35,33 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
 
     Works for files and directories (e.g. a Zarr store). An interrupted write never leaves ``dest``
-    looking complete. Temporary names left beside ``dest`` by a killed earlier writer are removed first
-    (one writer per destination is the rule of every stage). A full disk or a read-only folder is an
-    :class:`InputError` naming the file.
+    looking complete. One writer per destination: the block holds ``dest``'s :func:`writer_lock` (a
+    second writer is refused with one line), and under it the temporary names left beside ``dest`` by a
+    killed earlier writer are removed first. A full disk or a read-only folder is an :class:`InputError`
+    naming the file.
     """
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as err:
         raise _write_error(err, dest, denied=True) from None
-    tmp.rmdir()  # the caller creates a file or a directory at this name
-    try:
-        yield tmp
-        if dest.is_dir() and not dest.is_symlink():
-            _remove(dest)
-        os.replace(tmp, dest)
-    except OSError as err:
-        raise _write_error(err, dest) from None
-    finally:
-        if tmp.exists():
-            _remove(tmp)
+    with writer_lock(dest):
+        try:
+            remove_stale_temps(dest)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        except OSError as err:
+            raise _write_error(err, dest, denied=True) from None
+        tmp.rmdir()  # the caller creates a file or a directory at this name
+        try:
+            yield tmp
+            if dest.is_dir() and not dest.is_symlink():
+                _remove(dest)
+            os.replace(tmp, dest)
+        except OSError as err:
+            raise _write_error(err, dest) from None
+        finally:
+            if tmp.exists():
+                _remove(tmp)
 
 
 def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
