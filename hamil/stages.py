@@ -27,6 +27,7 @@ from preprocessing.errors import InputError
 from preprocessing.io import DEFAULT_MAX_BAD_FRACTION, check_fraction
 from preprocessing.options import opt
 from preprocessing.sources.synthetic import SynthParams
+from preprocessing.store import BagStore
 
 log = logging.getLogger("hamil")
 
@@ -267,12 +268,16 @@ def compare_counts(stats: dict[str, Any], paper_counts: str, bags_json: Path) ->
 # ---- train, evaluate, figures, compare, predict, mil-bench -----------------------------------------------
 
 
+VERIFY_HELP = "first check every patch chunk of the store against the SHA-256 recorded when it was written"
+
+
 @dataclass
 class TrainJob:
     resume: bool = opt(
         False, "continue from <out-dir>/last.pt when it exists (same configuration; exact on CPU)"
     )
     overwrite: bool = opt(False, "replace the run (best.pt, last.pt, history.csv) that --out-dir holds")
+    verify: bool = opt(False, VERIFY_HELP)
 
 
 @dataclass
@@ -288,6 +293,7 @@ class EvaluateParams:
     batch_bags: int = opt(8, "whole bags per forward pass")
     device: str = opt("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     threads: int | None = opt(None, "torch CPU threads (default: all cores)")
+    verify: bool = opt(False, VERIFY_HELP)
 
     def __post_init__(self) -> None:
         check_options(
@@ -427,6 +433,9 @@ class MilBenchParams:
 def run_train(cfg: TrainConfig, job: TrainJob) -> None:
     from hamil.train import train
 
+    if job.verify:
+        BagStore(cfg.store, verify=True)
+        log.info("%s: every patch chunk as written", cfg.store)
     log.info("best validation: %s", train(cfg, resume=job.resume, overwrite=job.overwrite))
 
 
@@ -435,6 +444,9 @@ def run_evaluate(p: EvaluateParams) -> None:
     from hamil.runtime import set_threads
 
     set_threads(p.threads)
+    if p.verify:
+        BagStore(p.store, verify=True)
+        log.info("%s: every patch chunk as written", p.store)
     metrics = evaluate(
         checkpoint=p.checkpoint,
         store_path=p.store,

@@ -30,7 +30,7 @@ import zarr
 from preprocessing.errors import InputError
 from preprocessing.io import BOX_COLUMNS, PATCH_COLUMNS, read_table, split_labels, write_json, write_tsv
 from preprocessing.options import opt
-from preprocessing.store import CODECS, SPLITS, write_bag_store
+from preprocessing.store import CODECS, SPLITS, check_patches, write_bag_store
 
 SPLIT_COLUMN = "split"  # optional column of the patch tables: the group's own split (train, val, test)
 
@@ -136,6 +136,8 @@ def build_bags(
     bags, picked = _cut_bags(patches, kept, group_labels, params, given)
     cut = _log_splits_and_cuts(bags, kept, given, params)
     labels = np.array([[c in set(ls) for c in classes] for ls in bags["all_labels"]], dtype=np.uint8)
+    for shard in shard_stores:  # every chunk file there as written (a lost one would read as zeros)
+        check_patches(shard, zarr.open_group(Path(shard), mode="r").attrs, verify=True)
     sources = [zarr.open_array(Path(s) / "patches", mode="r") for s in shard_stores]
     attrs = {
         "class_names": classes,

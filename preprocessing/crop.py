@@ -39,7 +39,7 @@ from preprocessing.microscopy import READ_JSON, ReadSpec, load_read_spec, read_f
 from preprocessing.options import opt
 from preprocessing.proposals import BACKENDS, OPENCV_MODES, propose_boxes
 from preprocessing.seeded import THRESHOLDS
-from preprocessing.store import create_patch_array
+from preprocessing.store import create_patch_array, seal_patches
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +392,7 @@ def crop_shard(
 
     with atomic_path(out_zarr) as tmp:
         run = _crop_rows(rows, tmp, params, workers, truth, spec)
+        seal_patches(tmp)
         check_rejected(
             pd.DataFrame(run.rejected, columns=list(REJECTED_COLUMNS)),
             len(rows),

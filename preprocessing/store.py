@@ -10,9 +10,12 @@ Layout (format version 2, ``FORMAT_VERSION``)::
     source_image  str    (N,)          the field each patch was cut from
     box           int32  (N, 4)        x0, y0, x1, y1 in that field
 
-Attributes: ``format_version``, ``class_names``, ``source``, ``patch_shape`` ``[H, W]``, ``params`` and
-``metadata_sha256``: the SHA-256 of the class names and the bag arrays (offsets, labels, split, group, bag
-id; :func:`metadata_digest`), checked on opening. It is also the store's fingerprint: a checkpoint records
+Attributes: ``format_version``, ``class_names``, ``source``, ``patch_shape`` ``[H, W]``, ``params``,
+``patch_chunks`` (count, total bytes and SHA-256 of the patch chunk files, :func:`seal_patches`: every
+open checks count and sizes, ``verify`` the hash too, so a store with chunks missing or truncated by an
+interrupted copy is refused instead of reading zeros) and ``metadata_sha256``: the SHA-256 of the class
+names and the bag arrays (offsets, labels, split, group, bag id; :func:`metadata_digest`), checked on
+opening. It is also the store's fingerprint: a checkpoint records
 it, and a run resumes only on the same bags, splits and labels.
 """
 
@@ -31,8 +34,10 @@ import zarr
 from preprocessing.errors import InputError
 from preprocessing.io import atomic_path
 
-FORMAT_VERSION = 2  # 2: patch_shape [H, W] replaces patch_size (non-square instances)
+FORMAT_VERSION = 3  # 2: patch_shape [H, W] replaces patch_size; 3: patch_chunks, one file for every patch
 SPLITS = ("train", "val", "test")
+#: the arrays of a bag store
+STORE_ARRAYS = ("patches", "bag_offsets", "labels", "split", "group", "bag_id", "source_image", "box")
 _BLOCK = 256  # patches copied per task
 
 
@@ -65,7 +70,62 @@ def create_patch_array(
         chunks=(1, channels, height, width),
         dtype="uint8",
         compressors=_compressors(codec),
+        config={"write_empty_chunks": True},  # a file for every patch, a black one too: countable
     )
+
+
+#: the attribute that records a group's patch chunk files (:func:`seal_patches`)
+CHUNKS_ATTR = "patch_chunks"
+
+
+def _chunk_file(folder: Path, row: int) -> Path:
+    return folder / "patches" / "c" / str(row) / "0" / "0" / "0"
+
+
+def seal_patches(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Record in the group at ``folder`` the count, total size and SHA-256 of its patch chunk files."""
+    folder = Path(folder)
+    rows = zarr.open_array(folder / "patches", mode="r").shape[0]
+    sha, total = hashlib.sha256(), 0
+    for row in range(rows):
+        data = _chunk_file(folder, row).read_bytes()
+        sha.update(data)
+        total += len(data)
+    record = {"count": rows, "bytes": total, "sha256": sha.hexdigest()}
+    zarr.open_group(folder, mode="r+").attrs[CHUNKS_ATTR] = record
+    return record
+
+
+def check_patches(folder: str | os.PathLike[str], attrs: Mapping[str, Any], verify: bool = False) -> None:
+    """Refuse (one line) a group whose patch chunk files are not all there with the sizes written;
+    ``verify`` also compares their SHA-256 (reads every file). Cheap otherwise: one ``stat`` a patch."""
+    folder = Path(folder)
+    record = attrs.get(CHUNKS_ATTR)
+    if not isinstance(record, dict):
+        raise InputError(f"{folder}: no record of its patch chunk files ({CHUNKS_ATTR}); write it again")
+    missing, total = [], 0
+    for row in range(int(record["count"])):
+        try:
+            total += _chunk_file(folder, row).stat().st_size
+        except FileNotFoundError:
+            missing.append(row)
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise InputError(
+            f"{folder}: {len(missing)} of {record['count']} patch chunk files missing (patches {shown}); "
+            "an interrupted copy? copy or rebuild it"
+        )
+    if total != record["bytes"]:
+        raise InputError(
+            f"{folder}: patch chunk files hold {total} bytes, {record['bytes']} were written (truncated "
+            "or replaced); copy or rebuild it"
+        )
+    if verify:
+        sha = hashlib.sha256()
+        for row in range(int(record["count"])):
+            sha.update(_chunk_file(folder, row).read_bytes())
+        if sha.hexdigest() != record["sha256"]:
+            raise InputError(f"{folder}: patch chunk files differ from those written (corrupt); rebuild it")
 
 
 def write_bag_store(
@@ -120,6 +180,7 @@ def write_bag_store(
                 "metadata_sha256": digest,
             }
         )
+        seal_patches(tmp)
 
 
 def metadata_digest(
@@ -167,7 +228,7 @@ class BagStore:
     (re)opened lazily in whichever process first reads from it.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], verify: bool = False) -> None:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise InputError(f"{self.path}: not a bag store (no zarr.json)")
@@ -179,6 +240,9 @@ class BagStore:
         if version != FORMAT_VERSION:
             raise InputError(f"{self.path}: bag store format {version!r}, expected {FORMAT_VERSION}")
         self.attrs: dict[str, Any] = dict(meta.attrs)
+        absent = [n for n in STORE_ARRAYS if not (self.path / n / "zarr.json").is_file()]
+        if absent:
+            raise InputError(f"{self.path}: incomplete bag store (no {', '.join(absent)}); rebuild it")
         self.bag_offsets: np.ndarray = meta["bag_offsets"][:]  # (B + 1,)
         self.labels: np.ndarray = meta["labels"][:]  # (B, K)
         self.split: np.ndarray = meta["split"][:]  # (B,)
@@ -194,6 +258,7 @@ class BagStore:
                 f"{self.path}: bag metadata does not match its checksum (corrupt or edited); "
                 "rebuild the store with hamil bags"
             )
+        check_patches(self.path, self.attrs, verify)
 
     @property
     def root(self) -> zarr.Group:
@@ -261,7 +326,8 @@ class ChunkFileReader:
 
     Only for the layout :func:`create_patch_array` writes: uint8, one ``(1, C, H, W)`` chunk per patch,
     default "/" chunk keys, no sharding, and the bytes codec followed by nothing, Blosc or Zstd (whose
-    frames numcodecs decodes). A chunk that was never written holds the fill value.
+    frames numcodecs decodes). Every chunk has its file (``write_empty_chunks``); a missing or undecodable
+    one is an :class:`InputError` naming it.
     """
 
     def __init__(self, folder: Path, shape: tuple[int, ...], decoder: Any, fill: int) -> None:
@@ -306,13 +372,15 @@ class ChunkFileReader:
         if len(rows) and (int(np.min(rows)) < 0 or int(np.max(rows)) >= self.shape[0]):
             raise IndexError(f"{self.folder}: patch rows outside 0..{self.shape[0] - 1}")
         for k, row in enumerate(rows):
+            path = self.folder / "c" / str(int(row)) / "0" / "0" / "0"
             try:
-                data = (self.folder / "c" / str(int(row)) / "0" / "0" / "0").read_bytes()
+                data = path.read_bytes()
+                if self.decoder is None:
+                    out[k] = np.frombuffer(data, dtype=np.uint8).reshape(self.shape[1:])
+                else:
+                    self.decoder.decode(data, out=out[k])
             except FileNotFoundError:
-                out[k] = self.fill
-                continue
-            if self.decoder is None:
-                out[k] = np.frombuffer(data, dtype=np.uint8).reshape(self.shape[1:])
-            else:
-                self.decoder.decode(data, out=out[k])
+                raise InputError(f"{path}: patch chunk file missing (the store is incomplete)") from None
+            except (RuntimeError, ValueError, TypeError) as err:  # a truncated or garbled frame
+                raise InputError(f"{path}: corrupt patch chunk ({err})") from None
         return out

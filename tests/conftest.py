@@ -14,7 +14,7 @@ import zarr
 from localhttp import Script, serve
 
 from preprocessing.bags import BagParams, build_bags
-from preprocessing.store import create_patch_array
+from preprocessing.store import create_patch_array, seal_patches
 
 
 def write_shard(folder: Path, name: str, groups: dict[str, tuple[int, str]], patch: int = 8, seed: int = 0):
@@ -34,6 +34,7 @@ def write_shard(folder: Path, name: str, groups: dict[str, tuple[int, str]], pat
         arr[:] = (np.arange(n, dtype=np.uint8)[:, None, None, None] + seed * 100) * np.ones(
             (1, 3, patch, patch), np.uint8
         )
+    seal_patches(folder / f"{name}.zarr")  # as the crop stage does
     table.to_csv(folder / f"{name}.tsv", sep="\t", index=False)
     return folder / f"{name}.tsv", folder / f"{name}.zarr"
 
@@ -78,6 +79,7 @@ def make_store(folder: Path, patch: int, groups: int = 24, seed: int = 0, split_
     for store in stores:  # give the patches texture so the network has something to fit
         arr = zarr.open_group(store, mode="r+")["patches"]
         arr[:] = np.random.default_rng(seed).integers(0, 256, arr.shape, dtype=np.uint8)
+        seal_patches(store)
     out = folder / "ds.zarr"
     params = BagParams(top_k=3, split_ratio=(4, 1, 1), seed=split_seed)
     build_bags(list(tables), list(stores), out, folder / "bags.tsv", params, "t")

@@ -17,7 +17,7 @@ from preprocessing.bags import BagParams, build_bags
 from preprocessing.errors import InputError
 from preprocessing.io import read_images_table
 from preprocessing.sources.folder import prepare_folder
-from preprocessing.store import create_patch_array
+from preprocessing.store import create_patch_array, seal_patches
 
 RNG = np.random.default_rng(0)
 PIXEL_SIZE = ("pixel_size_um_x", "pixel_size_um_y")  # added by the folder source, empty where unknown
@@ -194,6 +194,7 @@ def test_empty_labels_survive_to_negative_bags(tmp_path: Path) -> None:
     shard.to_csv(tmp_path / "0.tsv", sep="\t", index=False)
     root = zarr.open_group(tmp_path / "0.zarr", mode="w", zarr_format=3)
     create_patch_array(root, len(shard), 3, 8)[:] = np.zeros((len(shard), 3, 8, 8), np.uint8)
+    seal_patches(tmp_path / "0.zarr")
 
     params = BagParams(classes=("hit",), keep_unlabelled=True, split_ratio=(1.0, 1.0, 1.0))
     stats = build_bags(

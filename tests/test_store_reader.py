@@ -14,7 +14,7 @@ def test_direct_reads_equal_zarr_reads(tmp_path, codec):
     src = zarr.open_group(tmp_path / "src.zarr", mode="w", zarr_format=3)
     patches = create_patch_array(src, 7, 3, (6, 10))
     data = np.random.default_rng(0).integers(0, 256, (7, 3, 6, 10), dtype=np.uint8)
-    data[5] = 0  # an all-zero patch is stored as a missing chunk: it must read as the fill value
+    data[5] = 0  # an all-zero patch has its chunk file too (write_empty_chunks) and reads as zeros
     patches[:] = data
     write_bag_store(
         tmp_path / "bags.zarr",
