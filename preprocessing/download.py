@@ -44,6 +44,8 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from preprocessing.errors import InputError
+from preprocessing.io import remove_stale_temps
+from preprocessing.locks import writer_lock
 
 T = TypeVar("T")
 CHUNK = 1 << 16
@@ -737,14 +739,38 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+#: an archive's entries may unpack to at most this many bytes in all (``HAMIL_MAX_ZIP_BYTES`` overrides)
+MAX_ZIP_BYTES = 64 * 2**30
+#: an entry over 1 MiB may unpack to at most this many times its compressed size (a zip bomb: ~1000x)
+MAX_ZIP_RATIO = 100
+
+
+def _bomb_reason(infos: list[zipfile.ZipInfo], limit: int) -> str | None:
+    """Why unpacking these entries would be a zip bomb (too large, too compressed), or None."""
+    total = sum(i.file_size for i in infos)
+    if total > limit:
+        return f"entries unpack to {total} bytes, over the limit of {limit} (HAMIL_MAX_ZIP_BYTES)"
+    for info in infos:
+        if info.file_size > 2**20 and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+            return (
+                f"entry {info.filename!r} unpacks {info.compress_size} bytes to {info.file_size} "
+                f"(over {MAX_ZIP_RATIO}x: a zip bomb?)"
+            )
+    return None
+
+
 def safe_extract_zip(archive: Path, target: Path) -> list[Path]:
     """Extract ``archive`` into ``target`` and return the extracted files (not directories).
 
     Every entry is checked before anything is written: one that could escape ``target`` (``..``, an
-    absolute path, a drive letter, a symbolic link) raises :class:`DownloadError` naming it. Files are
-    extracted into a temporary folder beside ``target`` and then moved into place.
+    absolute path, a drive letter, a symbolic link), or entries that would unpack to more than
+    :data:`MAX_ZIP_BYTES` or more than :data:`MAX_ZIP_RATIO` times their size, raise :class:`DownloadError`
+    naming them. Files are extracted into a temporary folder beside
+    ``target`` (one writer at a time; a killed extraction's folder is removed by the next) and then moved
+    into place.
     """
     archive, target = Path(archive), Path(target)
+    limit = int(os.environ.get("HAMIL_MAX_ZIP_BYTES", MAX_ZIP_BYTES))
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -755,18 +781,23 @@ def safe_extract_zip(archive: Path, target: Path) -> list[Path]:
             clash = _file_folder_clash(infos)
             if clash:
                 raise DownloadError(f"{archive}: zip entry {clash!r} is both a file and a folder")
+            bomb = _bomb_reason(infos, limit)
+            if bomb:
+                raise DownloadError(f"{archive}: {bomb}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-            try:
-                relative = _extract_all(zf, infos, tmp)
-                return _move_into(tmp, relative, target)
-            except (NotADirectoryError, IsADirectoryError, FileExistsError) as err:
-                where = err.filename or target
-                raise DownloadError(
-                    f"{archive}: cannot place an entry at {where} (a file and a folder of one name)"
-                ) from None
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            with writer_lock(target):
+                remove_stale_temps(target)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+                try:
+                    relative = _extract_all(zf, infos, tmp)
+                    return _move_into(tmp, relative, target)
+                except (NotADirectoryError, IsADirectoryError, FileExistsError) as err:
+                    where = err.filename or target
+                    raise DownloadError(
+                        f"{archive}: cannot place an entry at {where} (a file and a folder of one name)"
+                    ) from None
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
     except FileNotFoundError:
         raise DownloadError(f"{archive}: file not found") from None
     except (zipfile.BadZipFile, EOFError) as err:

@@ -588,3 +588,27 @@ def test_safe_extract_zip_file_and_folder_of_one_name_is_one_error(tmp_path, ent
     (tmp_path / "t2" / "hpa").write_bytes(b"old file")
     with pytest.raises(DownloadError, match="ok.zip: cannot place an entry"):
         safe_extract_zip(make_zip(tmp_path / "ok.zip", {"hpa/G/a.jpg": b"x"}), tmp_path / "t2")
+
+
+def test_safe_extract_zip_refuses_a_zip_bomb_before_writing(tmp_path, monkeypatch):
+    """Issue 26: a 1 MiB archive that unpacks to 1 GiB was extracted whole. Here 16 MiB of zeros deflate
+    to about 16 KiB (1000x): refused on the entry headers, nothing written; a total over the limit too."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("hpa/G/a.jpg", b"\0" * 16 * 2**20)
+    assert archive.stat().st_size < 2**20 // 8
+    with pytest.raises(DownloadError, match=r"bomb.zip: entry 'hpa/G/a.jpg' unpacks \d+ bytes to 16777216"):
+        safe_extract_zip(archive, tmp_path / "target")
+    assert not (tmp_path / "target").exists() and not list(tmp_path.glob(".target.*"))
+    monkeypatch.setenv("HAMIL_MAX_ZIP_BYTES", "100")
+    small = make_zip(tmp_path / "small.zip", {"a.txt": b"a" * 60, "b.txt": b"b" * 60})
+    with pytest.raises(DownloadError, match="unpack to 120 bytes, over the limit of 100"):
+        safe_extract_zip(small, tmp_path / "target")
+
+
+def test_a_killed_extractions_temporary_folder_is_removed_by_the_next(tmp_path):
+    left = tmp_path / ".target.k1ll3d.tmp"  # what a SIGKILL during an extraction leaves
+    (left / "hpa").mkdir(parents=True)
+    (left / "hpa" / "big.jpg").write_bytes(b"x" * 1000)
+    files = safe_extract_zip(make_zip(tmp_path / "ok.zip", {"a.txt": b"a"}), tmp_path / "target")
+    assert files == [tmp_path / "target" / "a.txt"] and not left.exists()

@@ -361,3 +361,15 @@ def test_own_numeric_table_refused_in_one_line(site, tmp_path, capsys):
     lines = [ln for ln in err.splitlines() if "hamil download: error:" in ln]
     assert len(lines) == 1 and "Traceback" not in err and f"{own}: labels are class indices" in lines[0]
     assert not s.headers  # refused before anything was fetched
+
+
+def test_a_file_named_as_a_patch_that_is_not_an_image_is_left_out(tmp_path):
+    """Extracted files are sniffed as downloads are: an HTML page named as a patch is skipped, with why."""
+    good = "hpa/ENSG00000001167/686_A3_2_blue_red_green_1.jpg"
+    bad = "hpa/ENSG00000001167/686_A3_2_blue_red_green_2.jpg"
+    for rel, data in ((good, b"\xff\xd8\xff\xe0" + b"\0" * 20), (bad, b"<!DOCTYPE html><html></html>")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    table = hpa_paper.scan_patches(tmp_path, [good, bad])
+    kept, others = hpa_paper._drop_non_images(table, tmp_path)
+    assert kept["path"].tolist() == [good] and others == [(bad, "html")]

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy, safe_extract_zip, sniff
@@ -374,6 +375,19 @@ def _is_debris(rel: str) -> bool:
     return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] in DEBRIS_NAMES
 
 
+def _drop_non_images(patches: pd.DataFrame, data_dir: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The patches whose files are images (sniffed as downloads are), and ``(path, kind)`` of the others."""
+    kinds = []
+    for rel in patches["path"]:
+        with (data_dir / rel).open("rb") as fh:
+            kinds.append(sniff(fh.read(16)))
+    bad = np.array([k not in ("jpeg", "png", "tiff") for k in kinds], dtype=bool)
+    if bad.any():
+        log.warning("hpa_paper: %d file(s) named as patches are not images, left out", int(bad.sum()))
+    others = [(p, k) for p, k, b in zip(patches["path"], kinds, bad, strict=True) if b]
+    return patches[~bad].reset_index(drop=True), others
+
+
 def _scan(data_dir: Path, files: Iterable[str] | None) -> tuple[pd.DataFrame, list[str], int]:
     """The patch table, the other files (relative paths) and the number of debris files ignored."""
     rows, odd, debris = [], [], 0
@@ -524,6 +538,10 @@ def acquire(
     skipped_path = out_dir / "skipped.tsv"
     _log_scan(odd, debris, f" (listed in {skipped_path})")
     skipped = [(f"data/{f}", f"not a patch: expected {PATCH_FORM}") for f in odd]
+    patches, not_images = _drop_non_images(patches, data_dir)
+    skipped += [
+        (f"data/{f}", f"named as a patch but its bytes are {kind}, not an image") for f, kind in not_images
+    ]
     if patches.empty:
         _write_skipped(skipped, skipped_path)
         raise InputError(f"{data_dir}: no patch named {PATCH_FORM} found")
