@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -73,6 +73,8 @@ class DownloadPolicy:
     timeout: float = 60.0  # socket timeout per request
     concurrency: int = 4  # max simultaneous connections per host
     min_interval: float = 0.0  # minimum seconds between request starts per host (BDGP: 1.0)
+    low_speed_limit: float = 1024.0  # a body arriving slower than this many bytes/s ...
+    low_speed_time: float = 60.0  # ... over this many seconds is a transient failure (curl's -Y / -y)
     user_agent: str = "hamil-downloader/0.1 (+https://github.com/)"
 
 
@@ -115,6 +117,10 @@ class _Mismatch(Exception):
 
 class _Fatal(Exception):
     """Do not retry."""
+
+
+class _Cancelled(Exception):
+    """The run was interrupted (Ctrl-C): stop, keeping the part file for the next run."""
 
 
 # ---------------------------------------------------------------------------------------------- sniffing
@@ -380,11 +386,12 @@ class Downloader:
         manifest: Path | None = None,
         progress: bool = True,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         self.policy = policy
         self.progress = progress
-        self._sleep = sleep
+        self._cancel = threading.Event()  # set on Ctrl-C: every transfer stops at its next chunk
+        self._sleep = sleep or self._cancel.wait  # a backoff wait ends early on Ctrl-C
         self._manifest = _Manifest(Path(manifest)) if manifest is not None else None
         self._opener = urllib.request.build_opener()
         self._lock = threading.Lock()
@@ -428,12 +435,17 @@ class Downloader:
         A failed item gives a result with ``error`` set; nothing is raised for it.
         """
         workers = workers or max(1, self.policy.concurrency)
-        with (
-            ThreadPoolExecutor(max_workers=workers) as pool,
-            tqdm(total=len(items), unit="file", desc="download", disable=not self.progress) as bar,
-        ):
-            futures = [pool.submit(self._fetch_item, item, bar) for item in items]
-            return [f.result() for f in futures]
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            with tqdm(total=len(items), unit="file", desc="download", disable=not self.progress) as bar:
+                futures = [pool.submit(self._fetch_item, item, bar) for item in items]
+                return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C: drop the queue, stop the transfers under way (parts are kept)
+            self._cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
     def discard(self, dest: Path) -> None:
         """Delete a downloaded file found bad after the fact (an HTML page, a corrupt table) and its
@@ -487,6 +499,8 @@ class Downloader:
         """Run ``attempt`` up to ``1 + retries`` times; ``cleanup`` runs on a mismatch or a fatal error."""
         tries = 1 + max(0, self.policy.retries)
         for n in range(tries):
+            if self._cancel.is_set():
+                raise _Cancelled(url)
             try:
                 return attempt()
             except _Fatal as err:
@@ -668,18 +682,25 @@ class Downloader:
                 disable=not self.progress,
             ) as bar,
         ):
+            speed = _SpeedCheck(self.policy.low_speed_limit, self.policy.low_speed_time)
             while True:
+                if self._cancel.is_set():
+                    raise _Cancelled(str(part))
                 try:
-                    chunk = resp.read(CHUNK)
+                    chunk = resp.read1(CHUNK)  # whatever has arrived: a trickle cannot block a read
                 except (OSError, http.client.HTTPException) as err:
                     raise _Transient(
                         f"connection lost after {offset + received} bytes ({_describe(err)})"
                     ) from None
                 if not chunk:
                     return received
-                fh.write(chunk)
+                try:
+                    fh.write(chunk)
+                except OSError as err:
+                    raise _write_error(err, part) from None
                 received += len(chunk)
                 bar.update(len(chunk))
+                speed.add(len(chunk), offset + received)
 
     def _verify(self, item: FetchItem, part: Path) -> tuple[int, str]:
         """Check kind, size and hashes of a finished part file; returns ``(size, sha256)``."""
@@ -704,6 +725,33 @@ class Downloader:
         if announced is not None and len(body) < announced:
             raise _Transient(f"incomplete body: got {len(body)} of {announced} bytes")
         return body
+
+
+class _SpeedCheck:
+    """A transfer slower than ``limit`` bytes/s over each window of ``window`` seconds is given up."""
+
+    def __init__(self, limit: float, window: float) -> None:
+        self.limit, self.window = limit, window
+        self.start, self.count = time.monotonic(), 0
+
+    def add(self, n: int, received: int) -> None:
+        self.count += n
+        elapsed = time.monotonic() - self.start
+        if self.window <= 0 or elapsed < self.window:
+            return
+        rate = self.count / elapsed
+        if rate < self.limit:
+            raise _Transient(
+                f"too slow: {rate:.0f} bytes/s over {elapsed:.0f} s after {received} bytes "
+                f"(low_speed_limit {self.limit:g} over low_speed_time {self.window:g} s)"
+            )
+        self.start, self.count = time.monotonic(), 0
+
+
+def _write_error(err: OSError, path: Path) -> DownloadError:
+    """A part file that cannot be written (a full disk, a quota, a file size limit): one line, no retry;
+    the bytes written so far stay for the next run."""
+    return DownloadError(f"{path}: cannot write ({err.strerror or err}); free space and run again")
 
 
 def _reason(err: urllib.error.HTTPError) -> str:

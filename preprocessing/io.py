@@ -3,6 +3,7 @@ that fails with one clear line."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import glob
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -61,7 +63,26 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
             raise _write_error(err, dest) from None
         finally:
             if tmp.exists():
+                settle_zarr_writes()  # a failed Zarr write leaves its sibling chunk writes running
                 _remove(tmp)
+
+
+def settle_zarr_writes() -> None:
+    """Wait for the chunk writes still running on Zarr's event loop (when Zarr is loaded).
+
+    Zarr writes a slice's chunks concurrently and raises on the first failure (a full disk) while the
+    others go on: removing the temporary store before they end races them (files reappear, the removal
+    fails). Their exceptions are collected here, so none is reported as never retrieved.
+    """
+    zarr_sync = sys.modules.get("zarr.core.sync")
+    if zarr_sync is None:
+        return
+
+    async def drain() -> None:
+        current = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not current), return_exceptions=True)
+
+    zarr_sync.sync(drain())
 
 
 def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
@@ -91,6 +112,8 @@ def _write_error(err: OSError, dest: Path, denied: bool = False) -> Exception:
     and (``denied``: while creating the folder or the temporary name) a permission error."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return InputError(f"no space left on device ({_mount_point(dest)}) writing {dest}")
+    if err.errno == errno.EFBIG:
+        return InputError(f"{dest}: cannot write (file too large for the file system or a size limit)")
     if err.errno == errno.EROFS or (denied and err.errno in (errno.EACCES, errno.EPERM)):
         return InputError(f"{dest}: cannot write ({err.strerror})")
     return err

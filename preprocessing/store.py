@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +147,10 @@ def write_bag_store(
     """Write a bag store atomically.
 
     ``picks`` is ``(N, 2)``: output patch i is ``sources[picks[i, 0]][picks[i, 1]]``. Patches are copied in
-    blocks by a threaded dask scheduler with ``workers`` threads (decoding and file I/O release the GIL).
+    blocks by ``workers`` threads (decoding and file I/O release the GIL); when one block fails (a full
+    disk) the others are waited for before the temporary store is removed, so no write outlives it.
     ``codec`` compresses the patches (see :func:`_compressors`; lz4 by default for fast training reads).
     """
-    import dask
-
     n = len(picks)
     if len(bag_offsets) != len(labels) + 1 or bag_offsets[-1] != n:
         raise ValueError("bag_offsets do not match labels and picks")
@@ -158,12 +158,14 @@ def write_bag_store(
     with atomic_path(dest) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         patches = create_patch_array(root, n, channels, patch_shape, codec)
-        tasks = [
-            dask.delayed(_copy_block)(sources, picks[start : start + _BLOCK], patches, start)
-            for start in range(0, n, _BLOCK)
-        ]
-        scheduler = "threads" if workers > 1 else "synchronous"
-        dask.compute(*tasks, scheduler=scheduler, num_workers=max(workers, 1))
+        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+            futures = [
+                pool.submit(_copy_block, sources, picks[start : start + _BLOCK], patches, start)
+                for start in range(0, n, _BLOCK)
+            ]
+            wait(futures)  # every block finished or failed: nothing still writing into ``tmp``
+        for future in futures:
+            future.result()  # the first failure, if any
         root.create_array("bag_offsets", data=np.asarray(bag_offsets, dtype=np.int64))
         root.create_array("labels", data=np.asarray(labels, dtype=np.uint8).reshape(len(labels), -1))
         root.create_array("split", data=np.asarray(split, dtype=np.int8))

@@ -612,3 +612,95 @@ def test_a_killed_extractions_temporary_folder_is_removed_by_the_next(tmp_path):
     (left / "hpa" / "big.jpg").write_bytes(b"x" * 1000)
     files = safe_extract_zip(make_zip(tmp_path / "ok.zip", {"a.txt": b"a"}), tmp_path / "target")
     assert files == [tmp_path / "target" / "a.txt"] and not left.exists()
+
+
+def _trickle(h: Handler, n: int, size: int = 4000, pause: float = 0.05) -> None:
+    """A server that announces ``size`` bytes and sends one every ``pause`` seconds."""
+    h.send_response(200)
+    h.send_header("Content-Length", str(size))
+    h.end_headers()
+    for _ in range(size):
+        try:
+            h.wfile.write(b"x")
+            h.wfile.flush()
+        except OSError:
+            return
+        time.sleep(pause)
+
+
+def test_a_trickling_server_is_given_up_on_by_the_low_speed_limit(server, tmp_path):
+    """Issue 26: a byte every few seconds hung a download for ever (each read within the socket timeout)."""
+    base, script = server
+    script.routes["/slow.bin"] = _trickle
+    policy = DownloadPolicy(retries=1, backoff=0, low_speed_limit=100, low_speed_time=0.5)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"slow.bin: too slow: \d+ bytes/s .*gave up after 2 attempts"):
+        Downloader(policy, progress=False).fetch(f"{base}/slow.bin", tmp_path / "slow.bin")
+    assert time.monotonic() - start < 10 and script.count("/slow.bin") == 2
+    assert (tmp_path / "slow.bin.part").stat().st_size > 0  # kept for a resume
+
+
+CHILD = """
+import json, resource, signal, sys
+from pathlib import Path
+from preprocessing.download import Downloader, DownloadPolicy, FetchItem
+from preprocessing.errors import InputError
+base, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+if mode == "full":  # a file size limit: writes past it fail as on a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+dl = Downloader(DownloadPolicy(retries=0, concurrency=2, low_speed_limit=0), progress=False)
+try:
+    if mode == "full":
+        dl.fetch(base + "/big.bin", out / "big.bin")
+    else:
+        print("started", flush=True)
+        dl.fetch_many([FetchItem(f"{base}/f{i}.bin", out / f"f{i}.bin") for i in range(40)])
+except InputError as err:
+    print("error:", err)
+    sys.exit(2)
+except KeyboardInterrupt:
+    print("interrupted")
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_drops_the_queue_keeps_the_parts_and_exits_promptly(server, tmp_path):
+    """Issue 26: Ctrl-C during fetch_many first made every queued request (hours at BDGP's rate)."""
+    import signal
+    import subprocess
+    import sys
+
+    base, script = server
+    for i in range(40):
+        script.routes[f"/f{i}.bin"] = _trickle
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, base, str(tmp_path), "many"], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "started"
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("*.part"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # two transfers under way (concurrency 2)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and out.strip().splitlines()[-1] == "interrupted"
+    assert time.monotonic() - start < 5  # not the 38 queued files of 200 s each
+    assert sum(script.count(f"/f{i}.bin") for i in range(40)) == 2
+    assert len(list(tmp_path.glob("*.part"))) == 2 and not list(tmp_path.glob("f*.bin"))
+
+
+def test_a_full_disk_during_a_download_is_one_line_and_keeps_the_part(server, tmp_path):
+    import subprocess
+    import sys
+
+    base, script = server
+    script.routes["/big.bin"] = (200, bytes(200_000))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, base, str(tmp_path), "full"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'big.bin.part'}: cannot write (File too large)")
+    assert 0 < (tmp_path / "big.bin.part").stat().st_size <= 20000 and not (tmp_path / "big.bin").exists()

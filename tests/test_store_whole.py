@@ -91,3 +91,41 @@ def test_the_bag_stage_refuses_a_shard_with_a_chunk_missing(tmp_path: Path) -> N
     with pytest.raises(InputError, match=r"1 of 7 patch chunk files missing \(patches 2\)"):
         build_bags([table], [shard], tmp_path / "ds.zarr", tmp_path / "bags.tsv", BagParams(top_k=2), "t")
     assert not (tmp_path / "ds.zarr").exists()
+
+
+BAGS_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from preprocessing.bags import BagParams, build_bags
+from preprocessing.errors import InputError
+tmp = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2500, 2500))  # a patch chunk (3 KiB of noise) cannot be written
+try:
+    build_bags([tmp / "0.tsv"], [tmp / "0.zarr"], tmp / "ds.zarr", tmp / "bags.tsv", BagParams(top_k=2), "t",
+               workers=2)
+except InputError as err:
+    print("error:", err)
+    sys.exit(2)
+"""
+
+
+def test_a_full_disk_in_the_bag_stage_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """Issue 26: the clean-up raced the Zarr writes still pending, left ``.ds.zarr.*.tmp`` and hundreds of
+    asyncio warnings. All block writes are now waited for before the temporary store is removed."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    _, shard = write_shard(tmp_path, "0", {f"G{g}": (30, "A" if g % 2 else "B") for g in range(20)}, patch=32)
+    arr = zarr.open_group(shard, mode="r+")["patches"]
+    arr[:] = np.random.default_rng(0).integers(0, 256, arr.shape, dtype=np.uint8)  # incompressible
+    from preprocessing.store import seal_patches
+
+    seal_patches(shard)
+    proc = subprocess.run([sys.executable, "-c", BAGS_CHILD, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Task exception" not in proc.stderr, proc.stderr[-3000:]
+    assert "ds.zarr" in proc.stdout and "file too large" in proc.stdout
+    assert not list(tmp_path.glob(".ds.zarr*")) and not (tmp_path / "ds.zarr").exists()
