@@ -128,15 +128,48 @@ def _unwrap(path: Path, outer: dict[str, Any]) -> dict[str, Any]:
     return inner
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> MILModel:
-    """Rebuild the model a checkpoint was trained with and load its weights (eval mode)."""
-    cfg = ckpt["config"]
-    in_chans = int(ckpt["model"]["backbone.trunk.0.weight"].shape[1])  # the first convolution's inputs
+def model_from_checkpoint(
+    ckpt: dict[str, Any], device: torch.device, source: str | os.PathLike[str] = "checkpoint"
+) -> MILModel:
+    """Rebuild the model a checkpoint was trained with and load its weights (eval mode).
+
+    Weights that do not fit that model (missing, unexpected or of another shape) are one line naming
+    ``source`` (the checkpoint file) and what does not fit.
+    """
+    cfg, weights = ckpt["config"], ckpt["model"]
+    first = weights.get("backbone.trunk.0.weight")
+    if first is None or first.ndim != 4:
+        raise InputError(f"{source}: its weights have no backbone.trunk.0.weight convolution")
     model = build_model(
-        cfg.model, len(ckpt["class_names"]), None, cfg.dropout, in_chans=in_chans, **cfg.aggregator_options()
+        cfg.model,
+        len(ckpt["class_names"]),
+        None,
+        cfg.dropout,
+        in_chans=int(first.shape[1]),
+        **cfg.aggregator_options(),
     )
-    model.load_state_dict(ckpt["model"])
+    problem = _misfit(model.state_dict(), weights)
+    if problem:
+        raise InputError(f"{source}: its weights do not fit a {cfg.model} model ({problem})")
+    model.load_state_dict(weights)
     return model.to(device).eval()
+
+
+def _misfit(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str:
+    """What of ``given`` does not fit ``expected`` (empty if it fits): missing, unexpected, reshaped."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k} {list(given[k].shape)} for {list(v.shape)}"
+        for k, v in expected.items()
+        if k in given and tuple(getattr(given[k], "shape", ())) != tuple(v.shape)
+    ]
+    parts = [
+        f"{len(found)} {what}, e.g. {found[0]}"
+        for what, found in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+        if found
+    ]
+    return "; ".join(parts)
 
 
 def check_resumable(

@@ -90,7 +90,7 @@ def evaluate(
             f"{checkpoint}: classes {ckpt['class_names']} differ from the store's {store.class_names}"
         )
     dev = select_device(device)
-    model = model_from_checkpoint(ckpt, dev)
+    model = model_from_checkpoint(ckpt, dev, checkpoint)
     bags = store.bags_in(split)
     if len(bags) == 0:
         raise InputError(f"{store_path}: no bags in the {split} split")

@@ -121,7 +121,7 @@ def _explain(
 ) -> tuple[str, str, Explained]:
     """The model's display name, what its instance scores are, and its outputs on ``bags``."""
     ckpt = load_checkpoint(checkpoint, num_classes=len(store.class_names))
-    model = model_from_checkpoint(ckpt, device)
+    model = model_from_checkpoint(ckpt, device, checkpoint)
     loader = make_loader(BagDataset(store, bags), batch_bags, False, 0)
     model_name = ckpt["config"].model
     return paper_name(model_name), model.score_kind, explain_batches(model, loader, device)

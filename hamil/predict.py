@@ -403,7 +403,7 @@ def predict_images(
     if bags and bags[0].paths:
         warn_if_unlike_training(bags[0].paths[0], spec, ckpt.get("store_attrs") or {})
     dev = select_device(device)
-    model = model_from_checkpoint(ckpt, dev)
+    model = model_from_checkpoint(ckpt, dev, checkpoint)
     log.info(
         "predict: %d bags, %d images, instances: %s %s, on %s",
         len(bags),

@@ -173,3 +173,24 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path, small_store):
     (tmp_path / ".table.tsv.x1.tmp").write_text("stale")
     write_tsv(__import__("pandas").DataFrame({"a": [1]}), tmp_path / "table.tsv")
     assert not (tmp_path / ".table.tsv.x1.tmp").exists()
+
+
+@pytest.mark.parametrize("change", ["drop", "reshape"])
+def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path, trained_runs, capsys, change):
+    """Issue 26: a checkpoint whose weights do not fit its model gave a load_state_dict traceback."""
+    from hamil.checkpoint import read_payload, save_checkpoint
+
+    store, runs = trained_runs
+    payload = read_payload(runs["hamil"] / "best.pt")
+    key = next(k for k in payload["model"] if k.startswith("head") and k.endswith("weight"))
+    if change == "drop":
+        del payload["model"][key]
+    else:
+        payload["model"][key] = payload["model"][key][:, :-1]
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, payload)
+    args = ["evaluate", "--checkpoint", str(bad), "--store", str(store), "--out-dir", str(tmp_path / "ev")]
+    assert main(args) == 2
+    err = _one_line(capsys, "evaluate", str(bad), "do not fit a hamil model")
+    assert ("1 missing, e.g. " + key if change == "drop" else "1 of another shape, e.g. " + key) in err
+    assert not (tmp_path / "ev" / "metrics.json").exists()

@@ -81,6 +81,8 @@ def test_preprocessing_never_imports_torch():
         ('{"base_urll": "http://x"}', "unknown BdgpOptions option(s): base_urll; valid: "),
         ("{not json", "--options is not valid JSON"),
         ("[1, 2]", "--options must be a JSON object"),
+        ('{"min_interval": "fast"}', 'BdgpOptions option min_interval: expected a number, got "fast"'),
+        ('{"base_url": 5}', "BdgpOptions option base_url: expected a string, got 5"),
     ],
 )
 def test_download_options_are_checked(tmp_path, capsys, options, needle):
