@@ -118,8 +118,23 @@ def read_bags(
         raise InputError(
             f"{inputs}: input not found (give a folder of bag folders or a TSV with path and bag or group)"
         )
+    _check_names(bags)
     _check_images(bags, read)
     return bags
+
+
+def _check_names(bags: Sequence[BagImages]) -> None:
+    """Refuse, before anything is written, a bag or image name that is not valid UTF-8 (the output
+    tables are UTF-8; such a name used to fail half-way through writing them)."""
+    for bag in bags:
+        for name in (bag.bag, bag.group, *bag.shown, *map(str, bag.paths)):
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+                raise InputError(
+                    f"{shown}: a name that is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
+                ) from None
 
 
 def _bags_from_folder(root: Path, skip: Path | None) -> list[BagImages]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -415,3 +416,24 @@ def test_huge_image_header_is_one_line(
     assert main([*args, "--inputs", str(bags)]) == 2
     _one_line_error(capsys, f"{big}: image too large (3000 x 2000 = 6000000 pixels", "limit of 1000000")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["bag folder", "image file"])
+def test_a_name_that_is_not_utf8_is_refused_before_any_output(
+    trained: dict, user_bags: dict, tmp_path: Path, capsys, where: str
+) -> None:
+    """Issue 26: a latin-1 file or folder name gave a UnicodeEncodeError after partial outputs."""
+    folder = tmp_path / "in"
+    shutil.copytree(user_bags["folder"], folder, ignore=shutil.ignore_patterns("*.tsv"))
+    first = sorted(p for p in folder.iterdir() if p.is_dir())[0]
+    if where == "bag folder":
+        first.rename(folder / os.fsdecode(b"caf\xe9"))
+    else:
+        image = sorted(first.iterdir())[0]
+        image.rename(first / os.fsdecode(b"\xe9t\xe9" + image.suffix.encode()))
+    out = tmp_path / "out"
+    args = ["predict", "--checkpoint", str(trained["cells"]["checkpoint"]), "--inputs", str(folder)]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hamil predict: error:") and "not valid UTF-8" in err and "\\xe9" in err
+    assert not out.exists() or not any(out.iterdir())
