@@ -66,6 +66,19 @@ def score_report(
     return metrics, per_class
 
 
+def _tune(
+    model: Any, store: BagStore, split: str | None, default: float, batch_bags: int, dev: Any, name: str
+) -> TunedThresholds | None:
+    """Per-class thresholds tuned on ``split`` (None without one or without bags there), logged."""
+    if split is None or not len(store.bags_in(split)):
+        return None
+    loader = make_loader(BagDataset(store, store.bags_in(split)), batch_bags, False, 0)
+    _, y, probs, _ = predict_batches(model, loader, dev)  # (B, K), (B, K)
+    tuned = tune_thresholds(y, probs, default)
+    log.info("%s: %s", name, tuned.summary(store.class_names, split, default))
+    return tuned
+
+
 def evaluate(
     checkpoint: str | os.PathLike[str],
     store_path: str | os.PathLike[str],
@@ -99,12 +112,7 @@ def evaluate(
     )
     y, probs = explained.labels, explained.probs  # (B, K), (B, K)
     warn_one_class_split(y, store.class_names, split)
-    tuned = None
-    if tune_split is not None and len(store.bags_in(tune_split)):
-        tune_loader = make_loader(BagDataset(store, store.bags_in(tune_split)), batch_bags, False, 0)
-        _, y_tune, p_tune, _ = predict_batches(model, tune_loader, dev)
-        tuned = tune_thresholds(y_tune, p_tune, threshold)
-        log.info("%s: %s", checkpoint, tuned.summary(store.class_names, tune_split, threshold))
+    tuned = _tune(model, store, tune_split, threshold, batch_bags, dev, str(checkpoint))
     metrics, per_class = score_report(y, probs, store.class_names, threshold, tuned, tune_split)
     metrics.update(
         {
@@ -119,15 +127,9 @@ def evaluate(
     out = Path(out_dir)
     index = explained.bags
     sizes = store.bag_sizes()[index]
+    cuts = None if tuned is None else tuned.thresholds
     predictions = prediction_table(
-        store.bag_id[index],
-        store.group[index],
-        sizes,
-        probs,
-        store.class_names,
-        threshold,
-        y,
-        None if tuned is None else tuned.thresholds,
+        store.bag_id[index], store.group[index], sizes, probs, store.class_names, threshold, y, cuts
     )
     write_tsv(predictions, out / PREDICTION_FILE)
     write_tsv(_instances_table(store, explained), out / INSTANCE_FILE)

@@ -23,9 +23,9 @@ from localhttp import jpeg, send
 from PIL import Image
 
 from hamil.cli import main
-from hamil.stages import options_of
 from preprocessing.download import Downloader, DownloadError, DownloadPolicy
 from preprocessing.errors import InputError
+from preprocessing.options import options_of
 from preprocessing.sources import hpa
 
 REAL = Path(__file__).parent / "data" / "real" / "hpa"
