@@ -414,11 +414,11 @@ def predict_images(
     tuned = None if thresholds is None else read_thresholds(thresholds, class_names, threshold)
     params = crop_params_of(ckpt.get("store_attrs") or {}, checkpoint)
     spec = read_spec_of(ckpt.get("store_attrs") or {}, checkpoint)
+    dev = select_device(device)
+    model = model_from_checkpoint(ckpt, dev, checkpoint)  # before the images: a misfit fails at once
     bags = read_bags(inputs, skip=out, split=split, read=spec.params if spec is not None else None)
     if bags and bags[0].paths:
         warn_if_unlike_training(bags[0].paths[0], spec, ckpt.get("store_attrs") or {})
-    dev = select_device(device)
-    model = model_from_checkpoint(ckpt, dev, checkpoint)
     log.info(
         "predict: %d bags, %d images, instances: %s %s, on %s",
         len(bags),

@@ -194,3 +194,8 @@ def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path, trained_runs, 
     err = _one_line(capsys, "evaluate", str(bad), "do not fit a hamil model")
     assert ("1 missing, e.g. " + key if change == "drop" else "1 of another shape, e.g. " + key) in err
     assert not (tmp_path / "ev" / "metrics.json").exists()
+    bag = tmp_path / "bags" / "b1"  # predict loads the checkpoint before reading the images
+    bag.mkdir(parents=True)
+    args = ["predict", "--checkpoint", str(bad), "--inputs", str(bag.parent), "--out", str(tmp_path / "pr")]
+    assert main(args) == 2
+    _one_line(capsys, "predict", str(bad), "do not fit a hamil model")
