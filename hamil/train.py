@@ -114,7 +114,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     set_deterministic(cfg.deterministic)
     ctx, _, joined = setup_distributed(cfg.device)
     try:
-        with claim_run_dir(Path(cfg.out_dir), ctx.is_main, resume, overwrite):
+        with claim_run_dir(Path(cfg.out_dir), ctx, resume, overwrite):
             return _train_loop(cfg, ctx, resume)
     finally:
         if joined:
@@ -122,25 +122,39 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
 
 @contextlib.contextmanager
-def claim_run_dir(out: Path, is_main: bool, resume: bool, overwrite: bool) -> Iterator[None]:
-    """Hold ``out``'s writer lock (rank 0) and refuse a folder with a run in it unless told what to do."""
+def claim_run_dir(out: Path, ctx: DistContext, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``out``'s writer lock (rank 0) and refuse a folder with a run in it unless told what to do.
+
+    Rank 0 decides; every rank waits for its verdict (and its ``--overwrite`` deletions) and raises the
+    same one-line error, so no rank goes on to wait for a rank 0 that has stopped.
+    """
     if resume and overwrite:
         raise InputError("--resume continues the run in --out-dir, --overwrite deletes it: choose one")
-    if not is_main:
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(writer_lock(out))
+                _check_run_dir(out, resume, overwrite)
+            except InputError as err:
+                problem = str(err)
+        problems = [p for p in ctx.gather_objects(problem) if p]
+        if problems:
+            raise InputError(problems[0])
         yield
-        return
-    with writer_lock(out):
-        found = [name for name in RUN_FILES if (out / name).exists()]
-        if found and not (resume or overwrite):
-            raise InputError(
-                f"{out}: holds a training run ({', '.join(found)}); --resume continues it, "
-                "--overwrite replaces it"
-            )
-        if found and overwrite:
-            for name in found:
-                (out / name).unlink()
-            log.info("--overwrite: deleted %s from %s", ", ".join(found), out)
-        yield
+
+
+def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise InputError(
+            f"{out}: holds a training run ({', '.join(found)}); "
+            "--resume continues it, --overwrite replaces it"
+        )
+    if found and overwrite:
+        for name in found:
+            (out / name).unlink()
+        log.info("--overwrite: deleted %s from %s", ", ".join(found), out)
 
 
 def _train_loop(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict[str, Any]:

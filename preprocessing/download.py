@@ -789,20 +789,36 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
 
 #: an archive's entries may unpack to at most this many bytes in all (``HAMIL_MAX_ZIP_BYTES`` overrides)
 MAX_ZIP_BYTES = 64 * 2**30
-#: an entry over 1 MiB may unpack to at most this many times its compressed size (a zip bomb: ~1000x)
+#: an entry over 1 MiB may unpack to at most this many times its compressed size (a zip bomb: ~1000x;
+#: ``HAMIL_MAX_ZIP_RATIO`` overrides, e.g. for archives of mostly empty uncompressed TIFFs)
 MAX_ZIP_RATIO = 100
+
+
+def _env_number(name: str, default: int) -> int:
+    """A positive whole number from the environment variable ``name`` (one line if it is not one)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"{name}={text!r}: must be a positive whole number")
+    return value
 
 
 def _bomb_reason(infos: list[zipfile.ZipInfo], limit: int) -> str | None:
     """Why unpacking these entries would be a zip bomb (too large, too compressed), or None."""
+    ratio = _env_number("HAMIL_MAX_ZIP_RATIO", MAX_ZIP_RATIO)
     total = sum(i.file_size for i in infos)
     if total > limit:
         return f"entries unpack to {total} bytes, over the limit of {limit} (HAMIL_MAX_ZIP_BYTES)"
     for info in infos:
-        if info.file_size > 2**20 and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+        if info.file_size > 2**20 and info.file_size > ratio * max(info.compress_size, 1):
             return (
                 f"entry {info.filename!r} unpacks {info.compress_size} bytes to {info.file_size} "
-                f"(over {MAX_ZIP_RATIO}x: a zip bomb?)"
+                f"(over {ratio}x: a zip bomb? HAMIL_MAX_ZIP_RATIO raises the limit)"
             )
     return None
 
@@ -818,7 +834,7 @@ def safe_extract_zip(archive: Path, target: Path) -> list[Path]:
     into place.
     """
     archive, target = Path(archive), Path(target)
-    limit = int(os.environ.get("HAMIL_MAX_ZIP_BYTES", MAX_ZIP_BYTES))
+    limit = _env_number("HAMIL_MAX_ZIP_BYTES", MAX_ZIP_BYTES)
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()

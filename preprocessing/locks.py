@@ -29,8 +29,9 @@ except ImportError:  # pragma: no cover - not POSIX
 
 
 def lock_path(dest: str | os.PathLike[str]) -> Path:
-    """The lock file of ``dest`` (a file or a folder): ``.<name>.lock`` beside it."""
-    dest = Path(dest)
+    """The lock file of ``dest`` (a file or a folder): ``.<name>.lock`` beside it, for its real path (so
+    ``.``, a symbolic link and the absolute path of one folder share one lock)."""
+    dest = Path(os.path.realpath(dest))
     return dest.parent / f".{dest.name}.lock"
 
 

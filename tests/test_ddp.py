@@ -38,6 +38,7 @@ from hamil.checkpoint import load_checkpoint
 from hamil.config import TrainConfig
 from hamil.models import build_model
 from hamil.train import train
+from preprocessing.errors import InputError
 
 pytestmark = pytest.mark.slow  # one module-wide spawn of two ranks (about 30 s)
 
@@ -98,6 +99,12 @@ def _rank(rank: int, port: int, out: str, configs: list[tuple[dict, str]]) -> No
         for cfg, dtype in configs:
             hamil.train.build_model = _build_float64 if dtype == "float64" else build_model
             train(TrainConfig(**cfg))  # joins the existing group, leaves it to us
+        try:  # again into a folder that holds a run: rank 0 refuses, and rank 1 must not wait for it
+            train(TrainConfig(**configs[0][0]))
+            verdict = "trained"
+        except InputError as err:
+            verdict = str(err)
+        Path(out, f"refused-{rank}.txt").write_text(verdict)
     finally:
         dist.destroy_process_group()
 
@@ -169,3 +176,11 @@ def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, monkeypatch,
         np.testing.assert_allclose(two.train_loss, one.train_loss, rtol=RTOL)
         np.testing.assert_allclose(two.val_loss, one.val_loss, rtol=RTOL)  # the weights, seen through the
         # validation loss: Adam turns rounding differences on near-zero gradients into lr-sized steps
+
+
+def test_a_refused_run_folder_stops_every_rank_with_the_same_line(two_ranks: Path) -> None:
+    """Only rank 0 checks the folder; the others take its verdict, not waiting for it in a collective."""
+    verdicts = [(two_ranks / f"refused-{rank}.txt").read_text() for rank in (0, 1)]
+    assert (
+        verdicts[0] == verdicts[1] and "holds a training run (best.pt, last.pt, history.csv)" in verdicts[0]
+    )

@@ -704,3 +704,17 @@ def test_a_full_disk_during_a_download_is_one_line_and_keeps_the_part(server, tm
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith(f"error: {tmp_path / 'big.bin.part'}: cannot write (File too large)")
     assert 0 < (tmp_path / "big.bin.part").stat().st_size <= 20000 and not (tmp_path / "big.bin").exists()
+
+
+def test_zip_limits_from_the_environment_are_checked(tmp_path, monkeypatch):
+    archive = tmp_path / "sparse.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("mask.tif", b"\0" * 4 * 2**20)  # a mostly empty image: far over 100x
+    monkeypatch.setenv("HAMIL_MAX_ZIP_BYTES", "64G")
+    with pytest.raises(InputError, match=r"HAMIL_MAX_ZIP_BYTES='64G': must be a positive whole number"):
+        safe_extract_zip(archive, tmp_path / "t")
+    monkeypatch.delenv("HAMIL_MAX_ZIP_BYTES")
+    with pytest.raises(DownloadError, match="HAMIL_MAX_ZIP_RATIO raises the limit"):
+        safe_extract_zip(archive, tmp_path / "t")
+    monkeypatch.setenv("HAMIL_MAX_ZIP_RATIO", "5000")
+    assert safe_extract_zip(archive, tmp_path / "t") == [tmp_path / "t" / "mask.tif"]

@@ -105,3 +105,15 @@ def test_two_trainings_into_one_folder(tmp_path, small_store, capsys) -> None:
         proc.wait()
     # the holder is gone: the folder is free again
     assert main(["train", "--store", str(small_store), "--out-dir", str(run), *TRAIN]) == 0
+
+
+def test_two_spellings_of_one_folder_share_one_lock(tmp_path: Path, monkeypatch) -> None:
+    """``--out-dir .`` from inside a folder and its absolute path (or a symbolic link) are one writer."""
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(run)
+    with writer_lock("."):
+        for other in (run, tmp_path / "link", Path("..") / "x"):
+            with pytest.raises(InputError, match="another writer"), writer_lock(other):
+                pass
