@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from preprocessing.errors import InputError
-from preprocessing.io import remove_stale_temps
+from preprocessing.io import env_positive_int, remove_stale_temps
 from preprocessing.locks import writer_lock
 
 T = TypeVar("T")
@@ -794,23 +794,9 @@ MAX_ZIP_BYTES = 64 * 2**30
 MAX_ZIP_RATIO = 100
 
 
-def _env_number(name: str, default: int) -> int:
-    """A positive whole number from the environment variable ``name`` (one line if it is not one)."""
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InputError(f"{name}={text!r}: must be a positive whole number")
-    return value
-
-
 def _bomb_reason(infos: list[zipfile.ZipInfo], limit: int) -> str | None:
     """Why unpacking these entries would be a zip bomb (too large, too compressed), or None."""
-    ratio = _env_number("HAMIL_MAX_ZIP_RATIO", MAX_ZIP_RATIO)
+    ratio = env_positive_int("HAMIL_MAX_ZIP_RATIO", MAX_ZIP_RATIO, "times")
     total = sum(i.file_size for i in infos)
     if total > limit:
         return f"entries unpack to {total} bytes, over the limit of {limit} (HAMIL_MAX_ZIP_BYTES)"
@@ -834,7 +820,7 @@ def safe_extract_zip(archive: Path, target: Path) -> list[Path]:
     into place.
     """
     archive, target = Path(archive), Path(target)
-    limit = _env_number("HAMIL_MAX_ZIP_BYTES", MAX_ZIP_BYTES)
+    limit = env_positive_int("HAMIL_MAX_ZIP_BYTES", MAX_ZIP_BYTES, "bytes")
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()

@@ -241,15 +241,21 @@ MAX_IMAGE_PIXELS_ENV = "HAMIL_MAX_IMAGE_PIXELS"
 def max_image_pixels() -> int:
     """The pixel limit of :func:`read_image`: ``$HAMIL_MAX_IMAGE_PIXELS`` when set, else
     :data:`MAX_IMAGE_PIXELS`; :class:`InputError` when the variable is not a positive whole number."""
-    raw = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    return env_positive_int(MAX_IMAGE_PIXELS_ENV, MAX_IMAGE_PIXELS, "pixels")
+
+
+def env_positive_int(name: str, default: int, unit: str) -> int:
+    """The environment variable ``name`` as a positive whole number of ``unit``, ``default`` when it is
+    unset or empty; :class:`InputError` (one line) when it is anything else."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return MAX_IMAGE_PIXELS
+        return default
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value < 1:
-        raise InputError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive whole number of pixels, got {raw!r}")
+        raise InputError(f"{name} must be a positive whole number of {unit}, got {raw!r}")
     return value
 
 
