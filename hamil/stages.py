@@ -409,12 +409,17 @@ class MilBenchParams:
             )
 
 
+def _verify_store(path: str) -> None:
+    """``--verify``: every patch chunk file of the store against the SHA-256 recorded when written."""
+    BagStore(path, verify=True)
+    log.info("%s: every patch chunk as written", path)
+
+
 def run_train(cfg: TrainConfig, job: TrainJob) -> None:
     from hamil.train import train
 
     if job.verify:
-        BagStore(cfg.store, verify=True)
-        log.info("%s: every patch chunk as written", cfg.store)
+        _verify_store(cfg.store)
     log.info("best validation: %s", train(cfg, resume=job.resume, overwrite=job.overwrite))
 
 
@@ -424,8 +429,7 @@ def run_evaluate(p: EvaluateParams) -> None:
 
     set_threads(p.threads)
     if p.verify:
-        BagStore(p.store, verify=True)
-        log.info("%s: every patch chunk as written", p.store)
+        _verify_store(p.store)
     metrics = evaluate(
         checkpoint=p.checkpoint,
         store_path=p.store,

@@ -1,6 +1,6 @@
 """The bag store: one Zarr v3 group per dataset holding every patch, ordered by bag.
 
-Layout (format version 2, ``FORMAT_VERSION``)::
+Layout (format version 3, ``FORMAT_VERSION``)::
 
     patches       uint8  (N, C, H, W)  one chunk per patch, lz4 by default (H = W = P for cell patches)
     bag_offsets   int64  (B + 1,)      bag b is patches[bag_offsets[b]:bag_offsets[b + 1]]
@@ -332,8 +332,8 @@ class ChunkFileReader:
     one is an :class:`InputError` naming it.
     """
 
-    def __init__(self, folder: Path, shape: tuple[int, ...], decoder: Any, fill: int) -> None:
-        self.folder, self.shape, self.decoder, self.fill = folder, shape, decoder, fill
+    def __init__(self, folder: Path, shape: tuple[int, ...], decoder: Any) -> None:
+        self.folder, self.shape, self.decoder = folder, shape, decoder
 
     @classmethod
     def open(cls, folder: Path) -> ChunkFileReader | None:
@@ -366,7 +366,7 @@ class ChunkFileReader:
             or tuple(codecs[1:]) not in decoders
         ):
             return None
-        return cls(folder, shape, decoders[tuple(codecs[1:])], int(meta.get("fill_value") or 0))
+        return cls(folder, shape, decoders[tuple(codecs[1:])])
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Patches ``rows`` as ``(len(rows), C, H, W)`` uint8."""

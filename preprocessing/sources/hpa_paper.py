@@ -44,7 +44,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocessing.download import Downloader, DownloadError, DownloadPolicy, safe_extract_zip, sniff
+from preprocessing.download import (
+    IMAGE_KINDS,
+    Downloader,
+    DownloadError,
+    DownloadPolicy,
+    safe_extract_zip,
+    sniff,
+)
 from preprocessing.errors import InputError
 from preprocessing.io import DEFAULT_MAX_BAD_FRACTION, check_rejected, write_tsv
 from preprocessing.sources import hpa
@@ -381,7 +388,7 @@ def _drop_non_images(patches: pd.DataFrame, data_dir: Path) -> tuple[pd.DataFram
     for rel in patches["path"]:
         with (data_dir / rel).open("rb") as fh:
             kinds.append(sniff(fh.read(16)))
-    bad = np.array([k not in ("jpeg", "png", "tiff") for k in kinds], dtype=bool)
+    bad = np.array([k not in IMAGE_KINDS for k in kinds], dtype=bool)
     if bad.any():
         log.warning("hpa_paper: %d file(s) named as patches are not images, left out", int(bad.sum()))
     others = [(p, k) for p, k, b in zip(patches["path"], kinds, bad, strict=True) if b]
